@@ -1,0 +1,369 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021) as Flax Linen modules.
+
+Follows google-research/vision_transformer `vit_jax/models_vit.py`: the parameter tree uses the
+same names as Google's released `.npz` checkpoints (`embedding`, `cls`,
+`Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
+`Transformer/encoder_norm`, `head`), so loading one is a rename-free unflatten (`load` at the end
+of this file, which also converts transformers' PyTorch `ViTModel` weights).
+
+Deliberate choices:
+  * GELU is exact (erf) by default, as in the PyTorch ports that VPT and SA2VP train with
+    (KMnP/vpt `src/models/vit_backbones/vit.py`) and in transformers' `ViTModel`; Google's Flax code
+    uses the tanh approximation (`gelu_approximate=True` reproduces it).
+  * LayerNorm epsilon is a field: 1e-6 as in Google/VPT; transformers' ViT configs often say 1e-12.
+  * `Encoder` takes an optional `before_block(i, x) -> x` callable, run on the token sequence
+    before block `i`. Prompt methods use it to insert or replace prompt tokens without a second
+    copy of the encoder (see `jaxprompt/prompts/vpt.py`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage
+
+from jaxprompt.models import common
+
+# name -> (width, depth, mlp_dim, num_heads). 'mu' is a tiny size for tests and demos.
+SIZES = {
+    "mu": (32, 2, 64, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str) -> dict:
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant or "")
+  if not match or match.group(1) not in SIZES:
+    raise ValueError(
+        f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in "
+        f"{sorted(SIZES)} and an integer patch, e.g. 'B/16'.")
+  width, depth, mlp_dim, num_heads = SIZES[match.group(1)]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+              patch_size=int(match.group(2)))
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense -> GELU -> Dropout -> Dense -> Dropout."""
+  mlp_dim: int
+  dropout: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    width = x.shape[-1]
+    dense = lambda n, name: nn.Dense(
+        n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    x = dense(self.mlp_dim, "Dense_0")(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = dense(width, "Dense_1")(x)
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        dropout_rate=self.attention_dropout, deterministic=deterministic,
+        name="MultiHeadDotProductAttention_1")(y, y)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,
+                 name="MlpBlock_3")(y, deterministic=deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Position embedding, `depth` blocks and the final LayerNorm (Google's 'Transformer')."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+
+  def make_block(self, i: int) -> Encoder1DBlock:
+    """Block `i` with its checkpoint name; prompt methods that run blocks themselves call this."""
+    return Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.attention_dropout,
+                          self.layer_norm_eps, self.gelu_approximate, self.dtype,
+                          name=f"encoderblock_{i}")
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True,
+               before_block: Optional[Callable[[int, jnp.ndarray], jnp.ndarray]] = None):
+    # x: (B, 1 + N, D) with the CLS token first.
+    x = AddPositionEmbs(name="posembed_input")(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    for i in range(self.depth):
+      if before_block is not None:
+        x = before_block(i, x)
+      x = self.make_block(i)(x, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned position embedding (1, L, D), added to every token (CLS included)."""
+
+  @nn.compact
+  def __call__(self, x):
+    pos_embedding = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                               (1, *x.shape[1:]))
+    return x + pos_embedding.astype(x.dtype)
+
+
+def embed_patches(module: nn.Module, images, *, width: int, patch_size: int, dtype=jnp.float32):
+  """Patchify `images` (B, H, W, 3) and prepend the CLS token -> (B, 1 + H*W/p^2, width).
+
+  Must be called from inside a compact method of `module`: the patch convolution becomes its
+  child `embedding` and the CLS token its param `cls`, Google's names.
+  """
+  _, height, image_width, _ = images.shape
+  if height % patch_size or image_width % patch_size:
+    raise ValueError(
+        f"Image size {height}x{image_width} is not divisible by the patch size {patch_size}; "
+        f"use an image size that is a multiple of {patch_size} (e.g. {patch_size * 14}).")
+  x = nn.Conv(width, (patch_size, patch_size), strides=(patch_size, patch_size),
+              padding="VALID", dtype=dtype, name="embedding")(images)
+  batch, gh, gw, _ = x.shape
+  x = x.reshape(batch, gh * gw, width)  # row-major over the patch grid
+  cls = module.param("cls", nn.initializers.zeros, (1, 1, width))
+  return jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
+
+
+class Model(nn.Module):
+  """ViT classifier: patch embedding, encoder, linear head on the CLS token (or mean of patches).
+
+  Returns `(logits, aux)` where aux holds `encoded` (B, 1+N, D) and `pre_logits` (B, D).
+  With `num_classes=0` there is no head and logits are the pre-logits.
+  """
+  num_classes: int
+  variant: str = "B/16"
+  pool_type: str = "tok"  # 'tok' (CLS) or 'gap'
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = False
+  head_zeroinit: bool = True
+  dtype: Any = jnp.float32
+
+  def encoder(self) -> Encoder:
+    v = decode_variant(self.variant)
+    return Encoder(v["depth"], v["mlp_dim"], v["num_heads"], self.dropout, 0.0,
+                   self.layer_norm_eps, self.gelu_approximate, self.dtype, name="Transformer")
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    v = decode_variant(self.variant)
+    x = embed_patches(self, images, width=v["width"], patch_size=v["patch_size"], dtype=self.dtype)
+    encoded = self.encoder()(x, deterministic=not train)
+    pre_logits = encoded[:, 0] if self.pool_type == "tok" else encoded[:, 1:].mean(axis=1)
+    aux = {"encoded": encoded, "pre_logits": pre_logits}
+    if not self.num_classes:
+      return pre_logits, aux
+    kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+    logits = nn.Dense(self.num_classes, kernel_init=kernel_init, dtype=self.dtype, name="head")(
+        pre_logits)
+    return logits.astype(jnp.float32), aux
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights.
+#
+# Google's `.npz` (google-research/vision_transformer; VPT and SA2VP use imagenet21k_ViT-B_16.npz)
+# already uses our names. Hugging Face `ViTModel` / `ViTForImageClassification` weights are renamed
+# and reshaped by `convert_hf_vit`. Both end in `common.merge_params`, which is strict.
+# ---------------------------------------------------------------------------------------------
+
+POSEMB_NAME = "Transformer/posembed_input/pos_embedding"
+QUERY_KERNEL_NAME = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+
+# Checkpoint entries our Model has no place for, dropped when the model lacks them: Google's
+# `pre_logits` (Dense + tanh on CLS, used only for upstream pretraining) and its transformers
+# counterpart `pooler.dense`, which `convert_hf_vit` renames to `pre_logits`.
+KNOWN_EXTRAS = (r"pre_logits/.*",)
+
+# transformers name (after an optional 'vit.' prefix) -> our name, outside the blocks.
+_HF_NAMES = {
+    "embeddings.cls_token": "cls",
+    "embeddings.position_embeddings": POSEMB_NAME,
+    "embeddings.patch_embeddings.projection.weight": "embedding/kernel",
+    "embeddings.patch_embeddings.projection.bias": "embedding/bias",
+    "layernorm.weight": "Transformer/encoder_norm/scale",
+    "layernorm.bias": "Transformer/encoder_norm/bias",
+    "classifier.weight": "head/kernel",
+    "classifier.bias": "head/bias",
+    "pooler.dense.weight": "pre_logits/kernel",
+    "pooler.dense.bias": "pre_logits/bias",
+}
+# 'encoder.layer.{i}.<key>' -> 'Transformer/encoderblock_{i}/<value>'.
+_HF_BLOCK_NAMES = {
+    "layernorm_before.weight": "LayerNorm_0/scale",
+    "layernorm_before.bias": "LayerNorm_0/bias",
+    "layernorm_after.weight": "LayerNorm_2/scale",
+    "layernorm_after.bias": "LayerNorm_2/bias",
+    "intermediate.dense.weight": "MlpBlock_3/Dense_0/kernel",
+    "intermediate.dense.bias": "MlpBlock_3/Dense_0/bias",
+    "output.dense.weight": "MlpBlock_3/Dense_1/kernel",
+    "output.dense.bias": "MlpBlock_3/Dense_1/bias",
+    "attention.output.dense.weight": "MultiHeadDotProductAttention_1/out/kernel",
+    "attention.output.dense.bias": "MultiHeadDotProductAttention_1/out/bias",
+    **{f"attention.attention.{qkv}.{hf}": f"MultiHeadDotProductAttention_1/{qkv}/{ours}"
+       for qkv in ("query", "key", "value") for hf, ours in (("weight", "kernel"), ("bias", "bias"))},
+}
+
+
+def load_google_vit_npz(path: str) -> dict:
+  """Reads a Google ViT `.npz` (keys are '/'-joined param names) into a nested param dict.
+
+  Keys follow google-research/vision_transformer `vit_jax/checkpoint.py`: e.g.
+  `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel` (D, H, D/H). The
+  upstream `head/*` and `pre_logits/*` are returned too; `load` decides what to drop.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"ViT checkpoint {path!r} does not exist.")
+  with np.load(path, allow_pickle=False) as npz:
+    return common.unflatten({name: npz[name] for name in npz.files})
+
+
+def _hf_to_ours(name: str) -> Optional[str]:
+  """transformers ViT param name -> our '/'-joined name, or None if it is not a ViT param."""
+  name = name.removeprefix("vit.")
+  if name in _HF_NAMES:
+    return _HF_NAMES[name]
+  match = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", name)
+  if match and match.group(2) in _HF_BLOCK_NAMES:
+    return f"Transformer/encoderblock_{match.group(1)}/{_HF_BLOCK_NAMES[match.group(2)]}"
+  return None
+
+
+def convert_hf_vit(state_dict: dict[str, np.ndarray], *, num_heads: int,
+                   source: str = "<state dict>") -> dict:
+  """transformers `ViTModel`/`ViTForImageClassification` state dict -> our nested params.
+
+  Follows the module layout of transformers `models/vit/modeling_vit.py`. Renames as in
+  `_HF_NAMES`/`_HF_BLOCK_NAMES`, then
+    * patch projection (D, 3, p, p) -> (p, p, 3, D) (OIHW -> HWIO);
+    * every Linear weight (out, in) -> (in, out);
+    * query/key/value kernels (D, D) -> (D, H, D/H) and biases (D,) -> (H, D/H); the output
+      projection kernel (D, D) -> (H, D/H, D): Flax's `MultiHeadDotProductAttention` layout;
+    * `pooler.dense` -> `pre_logits` (see KNOWN_EXTRAS), `classifier` -> `head`.
+  Names it does not know raise a ValueError listing them all.
+  """
+  unknown = sorted(name for name in state_dict if _hf_to_ours(name) is None)
+  if unknown:
+    raise ValueError(f"{source}: not transformers ViT parameters ({len(unknown)}): "
+                     + ", ".join(unknown))
+  flat = {}
+  for hf_name, value in state_dict.items():
+    name = _hf_to_ours(hf_name)
+    value = np.asarray(value)
+    if name == "embedding/kernel":
+      value = value.transpose(2, 3, 1, 0)
+    elif hf_name.endswith(".weight") and value.ndim == 2:  # Linear; LayerNorm weights are 1-D
+      value = value.T
+    if "MultiHeadDotProductAttention_1" in name and not name.endswith("out/bias"):
+      width = value.shape[-1] if name.endswith("out/kernel") else value.shape[0]
+      if width % num_heads:
+        raise ValueError(f"{source}: {hf_name} has width {width}, not divisible by "
+                         f"num_heads={num_heads}.")
+      head_shape = (num_heads, width // num_heads)
+      if name.endswith("out/kernel"):
+        value = value.reshape(*head_shape, value.shape[-1])  # (H, D/H, D)
+      elif name.endswith("kernel"):
+        value = value.reshape(value.shape[0], *head_shape)  # (D, H, D/H)
+      else:
+        value = value.reshape(head_shape)  # (H, D/H)
+    flat[name] = value
+  return common.unflatten(flat)
+
+
+def resize_pos_embedding(posemb: np.ndarray, target_len: int) -> np.ndarray:
+  """(1, 1 + N, D) -> (1, target_len, D): keeps the CLS row, resizes the patch grid bilinearly.
+
+  As google-research/vision_transformer `vit_jax/checkpoint.py::load_pretrained` and VPT's
+  PyTorch port (`src/models/vit_backbones/vit.py`) do: `scipy.ndimage.zoom(grid, order=1)` on the
+  sqrt(N) x sqrt(N) grid. Note this is corner-aligned linear interpolation, not the half-pixel
+  `jax.image.resize` that big_vision uses; we follow the code VPT and SA2VP were trained with.
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f"Position embedding must be (1, 1 + N, D), got {posemb.shape}.")
+  old_side, new_side = math.isqrt(posemb.shape[1] - 1), math.isqrt(target_len - 1)
+  if old_side * old_side != posemb.shape[1] - 1 or new_side * new_side != target_len - 1:
+    raise ValueError(
+        f"Cannot resize a position embedding of {posemb.shape[1]} tokens to {target_len}: both "
+        f"must be 1 + a square number of patches (CLS + a square grid).")
+  if old_side == new_side:
+    return posemb
+  cls, grid = posemb[:, :1], posemb[0, 1:].astype(np.float32)
+  grid = grid.reshape(old_side, old_side, -1)
+  zoom = new_side / old_side
+  grid = scipy.ndimage.zoom(grid, (zoom, zoom, 1), order=1)  # (new_side, new_side, D)
+  grid = grid.reshape(1, new_side * new_side, -1).astype(posemb.dtype)
+  return np.concatenate([cls, grid], axis=1)
+
+
+def load(init_params: dict, path: str, *, dont_load=("head/.*",)) -> dict:
+  """Loads pretrained ViT weights into `init_params` (the 'params' collection, nested).
+
+  The format follows the extension: `.npz` is a Google checkpoint (`load_google_vit_npz`);
+  `.safetensors`/`.bin`/`.pt`/`.pth` is a transformers state dict (`convert_hf_vit`, with the head
+  count read from `init_params`). The position embedding is resized to the model's grid when the
+  image size differs (`resize_pos_embedding`). Merging is strict (`common.merge_params`): model
+  params matching a `dont_load` regex keep their init values, checkpoint entries matching one are
+  dropped, and so are KNOWN_EXTRAS the model has no place for. Prompt methods pass their own
+  params, e.g. `dont_load=('head/.*', '.*prompt.*')`.
+  """
+  path = os.fspath(path)
+  if set(init_params) == {"params"}:
+    raise ValueError("vit.load takes the 'params' collection: pass variables['params'], not the "
+                     "whole variables dict.")
+  init = common.flatten(init_params)
+  extension = os.path.splitext(path)[1].lower()
+  if extension == ".npz":
+    loaded = common.flatten(load_google_vit_npz(path))
+  elif extension == ".safetensors" or extension in common.TORCH_EXTENSIONS:
+    if QUERY_KERNEL_NAME not in init:
+      raise ValueError(f"Cannot infer the number of heads for {path!r}: init params have no "
+                       f"{QUERY_KERNEL_NAME!r}.")
+    num_heads = init[QUERY_KERNEL_NAME].shape[1]
+    loaded = common.flatten(convert_hf_vit(common.load_torch_state_dict(path),
+                                           num_heads=num_heads, source=path))
+  else:
+    raise ValueError(f"Cannot load ViT weights from {path!r}: unknown extension {extension!r}; "
+                     f"expected '.npz', '.safetensors' or one of {common.TORCH_EXTENSIONS}.")
+
+  dont_load = tuple(dont_load)
+  if (POSEMB_NAME in loaded and POSEMB_NAME in init
+      and not any(re.fullmatch(p, POSEMB_NAME) for p in dont_load)):
+    old, new = loaded[POSEMB_NAME].shape, init[POSEMB_NAME].shape
+    if len(old) == len(new) == 3 and old[2] == new[2] and old[1] != new[1]:
+      loaded[POSEMB_NAME] = resize_pos_embedding(loaded[POSEMB_NAME], new[1])
+  extras = tuple(p for p in KNOWN_EXTRAS if not any(re.fullmatch(p, name) for name in init))
+  return common.merge_params(loaded, init_params, dont_load=dont_load + extras, source=path)

@@ -1,0 +1,240 @@
+"""The trainer spine: one jitted train step, evaluation, checkpoints, metrics. Read top to bottom.
+
+Shaped after big_vision's `train.py`: build mesh -> data -> model -> init or load -> optimizer ->
+shardings -> jit the update -> loop with periodic actions (log, eval, checkpoint). Every method
+plugs in as a module `jaxprompt.<config.model_name>` that exports
+
+  * `Model(num_classes=..., dtype=..., **config.model)`: a Linen module whose
+    `apply({'params': p}, images, train=bool, rngs=...)` returns `(logits, aux)`;
+  * `TRAINABLE_PARAMS`: the regex of param names that train (overridable by
+    `config.trainable_params`);
+  * `load(init_params, path)`: pretrained backbone weights merged into `init_params`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+import input_pipeline
+from input_pipeline import pipeline, preprocess
+from jaxprompt import checkpointing, optim, sharding, writers
+
+
+@dataclasses.dataclass
+class Data:
+  source: object
+  train_pp: object
+  eval_pp: object
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early, naming the folder, when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror}); pass "
+                          f"--workdir with a folder you can write to.") from e
+
+
+def build_data(config) -> Data:
+  source = input_pipeline.get_source(config.dataset, data_dir=config.get("data_dir") or None,
+                                     **config.get("dataset_kwargs", {}))
+  pp = config.pp
+  make = lambda augment: preprocess.make_preprocess_fn(
+      image_size=pp.image_size, mean=tuple(pp.mean), std=tuple(pp.std), augment=augment)
+  return Data(source, make(pp.get("train_augment", "none")), make(pp.get("eval_augment", "none")))
+
+
+def build_model(config, num_classes: int):
+  module = importlib.import_module(f"jaxprompt.{config.model_name}")
+  dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+  return module, module.Model(num_classes=num_classes, dtype=dtype, **config.model)
+
+
+def trainable_subset(params, labels):
+  flat, flat_labels = (traverse_util.flatten_dict(t, sep="/") for t in (params, labels))
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if flat_labels[k] == optim.TRAIN}, sep="/")
+
+
+def with_trainable(params, subset):
+  flat = traverse_util.flatten_dict(params, sep="/")
+  flat.update(traverse_util.flatten_dict(subset, sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def make_train_step(model, tx, labels, *, num_classes: int, label_smoothing: float, seed: int):
+  """(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}."""
+  base_rng = jax.random.PRNGKey(seed)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+
+    def loss_fn(params):
+      logits, _ = model.apply({"params": params}, batch["image"], train=True,
+                              rngs={"dropout": rng})
+      loss = optim.cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optim.apply_updates(state["params"], updates, labels)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+  return train_step
+
+
+def make_eval_step(model, num_classes: int):
+  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
+
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+    mask = batch["_mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    loss = optim.cross_entropy(logits, batch["label"], num_classes)
+    return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask)}
+
+  return eval_step
+
+
+def evaluate(eval_step, params, data: Data, split: str, config, mesh) -> dict:
+  dataset = pipeline.make_eval_dataset(
+      data.source, split, data.eval_pp, global_batch_size=config.get("eval_batch_size") or
+      config.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
+  totals = None
+  for local in dataset.as_numpy_iterator():
+    sums = eval_step(params, sharding.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {f"{split}/accuracy": float(totals["correct"]) / count,
+          f"{split}/loss": float(totals["loss"]) / count, f"{split}/examples": int(count)}
+
+
+def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps) from `*_steps` when set, else from `*_epochs`."""
+  steps_per_epoch = max(1, num_train_examples // config.batch_size)
+  total = config.get("total_steps") or int(round(config.num_epochs * steps_per_epoch))
+  warmup = config.optim.get("warmup_steps") or int(round(
+      config.optim.get("warmup_epochs", 0) * steps_per_epoch))
+  return total, warmup
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (or, with config.mode='eval', only evaluates) and returns the final metrics."""
+  check_workdir(workdir)
+  log(f"process {jax.process_index()}/{jax.process_count()} with "
+      f"{jax.local_device_count()}/{jax.device_count()} {jax.default_backend()} devices")
+  mesh = sharding.make_mesh(config.mesh.num_devices, config.mesh.model)
+  sharding.check_batch_size(config.batch_size, mesh)
+
+  data = build_data(config)
+  module, model = build_model(config, data.source.num_classes)
+  image_shape = (1, config.pp.image_size, config.pp.image_size, 3)
+  init_fn = lambda rng: model.init(rng, jnp.zeros(image_shape, jnp.float32))["params"]
+  param_shardings = sharding.tree_shardings(
+      jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh, config.param_sharding)
+  params = jax.jit(init_fn, out_shardings=param_shardings)(jax.random.PRNGKey(config.seed))
+  if config.get("model_init"):
+    log(f"loading pretrained weights from {config.model_init}")
+    host_params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_put(module.load(host_params, config.model_init), param_shardings)
+
+  labels = optim.param_labels(params, config.get("trainable_params") or module.TRAINABLE_PARAMS)
+  log(optim.parameter_table(params, labels))
+  total_steps, warmup_steps = schedule_lengths(
+      config, data.source.num_examples(config.train_split))
+  tx, schedule = optim.make_optimizer(config.optim, params, labels, total_steps=total_steps,
+                                      warmup_steps=warmup_steps)
+  opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh,
+                                          config.param_sharding)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {"params": params, "opt_state": opt_state,
+           "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
+  state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
+                     "step": sharding.replicated(mesh)}
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=config.keep_checkpoints,
+                                    every_steps=config.checkpoint_every_steps)
+  saved = lambda s: {"params": trainable_subset(s["params"], labels),
+                     "opt_state": s["opt_state"], "step": s["step"]}
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    restored = ckpt.restore(start_step, saved(state))
+    state = {"params": with_trainable(state["params"], restored["params"]),
+             "opt_state": restored["opt_state"], "step": restored["step"]}
+    log(f"resumed from {ckpt.directory} at step {start_step}")
+  elif config.mode == "eval" and not config.get("model_init"):
+    raise FileNotFoundError(f"mode='eval' needs a checkpoint in {ckpt.directory} or "
+                            f"config.model_init; found neither.")
+
+  eval_step = jax.jit(make_eval_step(model, data.source.num_classes))
+  run_evals = lambda params: {k: v for split in config.eval_splits
+                              for k, v in evaluate(eval_step, params, data, split, config,
+                                                   mesh).items()}
+  writer = writers.create_writer(workdir)
+  final = {"step": start_step}
+  if config.mode == "train" and start_step < total_steps:
+    train_step = jax.jit(
+        make_train_step(model, tx, labels, num_classes=data.source.num_classes,
+                        label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    batches = pipeline.make_train_dataset(
+        data.source, config.train_split, data.train_pp, global_batch_size=config.batch_size,
+        seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count()).as_numpy_iterator()
+    progress = writers.Progress(total_steps, start_step)
+    window = []
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+      window.append(metrics)
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last or step % config.checkpoint_every_steps == 0:
+        means = {f"train/{k}": float(np.mean(v)) for k, v in
+                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
+        window = []
+        if not np.isfinite(means["train/loss"]):
+          ckpt.close()
+          raise FloatingPointError(
+              f"train loss is {means['train/loss']} at step {step}; stopped. The last good "
+              f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
+        means["train/lr"] = float(schedule(max(step - 1, 0) // config.optim.get(
+            "grad_accum_steps", 1)))
+        writer.write_scalars(step, means)
+        log(progress.line(step, means))
+        final.update(means)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
+        writer.write_scalars(step, run_evals(state["params"]))
+      ckpt.save(step, saved(state), force=last)
+    final["step"] = total_steps
+  final.update(run_evals(state["params"]))
+  ckpt.close()
+  writer.write_scalars(final["step"], {k: v for k, v in final.items() if k != "step"})
+  writer.flush()
+  for key in sorted(final):
+    if key.endswith("/accuracy"):
+      log(f"{key}: {final[key]:.4f}")
+  if jax.process_index() == 0:
+    writers.write_json_atomic(os.path.join(workdir, "metrics.json"), final)
+  return final

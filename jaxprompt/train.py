@@ -96,8 +96,12 @@ def make_train_step(model, tx, labels, *, num_classes: int, label_smoothing: flo
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optim.apply_updates(state["params"], updates, labels)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    # 1.0 while the loss and every trained param are finite; the loop stops on 0.
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves(trainable_subset(params, labels)):
+      finite &= jnp.all(jnp.isfinite(leaf))
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": loss, "accuracy": accuracy}
+    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite.astype(jnp.float32)}
 
   return train_step
 
@@ -116,13 +120,15 @@ def make_eval_step(model, num_classes: int):
   return eval_step
 
 
-def evaluate(eval_step, params, data: Data, split: str, config, mesh) -> dict:
+def evaluate(exp: "Experiment", params, split: str) -> dict:
+  """Accuracy and loss over every example of `split` (padding masked out)."""
   dataset = pipeline.make_eval_dataset(
-      data.source, split, data.eval_pp, global_batch_size=config.get("eval_batch_size") or
-      config.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
+      exp.data.source, split, exp.data.eval_pp,
+      global_batch_size=exp.config.get("eval_batch_size") or exp.config.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
   totals = None
   for local in dataset.as_numpy_iterator():
-    sums = eval_step(params, sharding.global_batch(local, mesh))
+    sums = exp.eval_step(params, sharding.global_batch(local, exp.mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals["count"]), 1.0)
@@ -139,16 +145,35 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
   return total, warmup
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (or, with config.mode='eval', only evaluates) and returns the final metrics."""
-  check_workdir(workdir)
-  log(f"process {jax.process_index()}/{jax.process_count()} with "
-      f"{jax.local_device_count()}/{jax.device_count()} {jax.default_backend()} devices")
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built from a config: data, model, optimizer, sharded state, steps."""
+  config: object
+  mesh: object
+  data: Data
+  module: object
+  model: object
+  labels: dict
+  schedule: object
+  state: dict  # {'params', 'opt_state', 'step'}, sharded
+  state_shardings: dict
+  total_steps: int
+  train_step: object  # jitted (state, batch) -> (state, metrics); donates state
+  eval_step: object  # jitted (params, batch) -> sums
+
+  def checkpointed(self, state) -> dict:
+    """The part of `state` a checkpoint holds: trainable params, optimizer state, step."""
+    return {"params": trainable_subset(state["params"], self.labels),
+            "opt_state": state["opt_state"], "step": state["step"]}
+
+
+def build(config) -> Experiment:
+  """Mesh -> data -> model -> init or load -> optimizer -> sharded state -> jitted steps."""
   mesh = sharding.make_mesh(config.mesh.num_devices, config.mesh.model)
   sharding.check_batch_size(config.batch_size, mesh)
-
   data = build_data(config)
-  module, model = build_model(config, data.source.num_classes)
+  num_classes = data.source.num_classes
+  module, model = build_model(config, num_classes)
   image_shape = (1, config.pp.image_size, config.pp.image_size, 3)
   init_fn = lambda rng: model.init(rng, jnp.zeros(image_shape, jnp.float32))["params"]
   param_shardings = sharding.tree_shardings(
@@ -160,76 +185,59 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params = jax.device_put(module.load(host_params, config.model_init), param_shardings)
 
   labels = optim.param_labels(params, config.get("trainable_params") or module.TRAINABLE_PARAMS)
-  log(optim.parameter_table(params, labels))
   total_steps, warmup_steps = schedule_lengths(
       config, data.source.num_examples(config.train_split))
   tx, schedule = optim.make_optimizer(config.optim, params, labels, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
   opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh,
                                           config.param_sharding)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  state = {"params": params, "opt_state": opt_state,
+  state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
            "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": sharding.replicated(mesh)}
+  train_step = jax.jit(
+      make_train_step(model, tx, labels, num_classes=num_classes,
+                      label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model, num_classes),
+                      in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+  return Experiment(config, mesh, data, module, model, labels, schedule, state, state_shardings,
+                    total_steps, train_step, eval_step)
 
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (or, with config.mode='eval', only evaluates) and returns the final metrics."""
+  check_workdir(workdir)
+  log(f"process {jax.process_index()}/{jax.process_count()} with "
+      f"{jax.local_device_count()}/{jax.device_count()} {jax.default_backend()} devices")
+  exp = build(config)
+  log(optim.parameter_table(exp.state["params"], exp.labels))
+  state, total_steps = exp.state, exp.total_steps
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.keep_checkpoints,
                                     every_steps=config.checkpoint_every_steps)
-  saved = lambda s: {"params": trainable_subset(s["params"], labels),
-                     "opt_state": s["opt_state"], "step": s["step"]}
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    restored = ckpt.restore(start_step, saved(state))
-    state = {"params": with_trainable(state["params"], restored["params"]),
-             "opt_state": restored["opt_state"], "step": restored["step"]}
-    log(f"resumed from {ckpt.directory} at step {start_step}")
-  elif config.mode == "eval" and not config.get("model_init"):
-    raise FileNotFoundError(f"mode='eval' needs a checkpoint in {ckpt.directory} or "
-                            f"config.model_init; found neither.")
-
-  eval_step = jax.jit(make_eval_step(model, data.source.num_classes))
-  run_evals = lambda params: {k: v for split in config.eval_splits
-                              for k, v in evaluate(eval_step, params, data, split, config,
-                                                   mesh).items()}
-  writer = writers.create_writer(workdir)
-  final = {"step": start_step}
-  if config.mode == "train" and start_step < total_steps:
-    train_step = jax.jit(
-        make_train_step(model, tx, labels, num_classes=data.source.num_classes,
-                        label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-    batches = pipeline.make_train_dataset(
-        data.source, config.train_split, data.train_pp, global_batch_size=config.batch_size,
-        seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count()).as_numpy_iterator()
-    progress = writers.Progress(total_steps, start_step)
-    window = []
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
-      window.append(metrics)
-      last = step == total_steps
-      if step % config.log_every_steps == 0 or last or step % config.checkpoint_every_steps == 0:
-        means = {f"train/{k}": float(np.mean(v)) for k, v in
-                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
-        window = []
-        if not np.isfinite(means["train/loss"]):
-          ckpt.close()
-          raise FloatingPointError(
-              f"train loss is {means['train/loss']} at step {step}; stopped. The last good "
-              f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
-        means["train/lr"] = float(schedule(max(step - 1, 0) // config.optim.get(
-            "grad_accum_steps", 1)))
-        writer.write_scalars(step, means)
-        log(progress.line(step, means))
-        final.update(means)
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
-        writer.write_scalars(step, run_evals(state["params"]))
-      ckpt.save(step, saved(state), force=last)
-    final["step"] = total_steps
-  final.update(run_evals(state["params"]))
-  ckpt.close()
+  try:
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+      restored = ckpt.restore(start_step, exp.checkpointed(state))
+      state = {"params": with_trainable(state["params"], restored["params"]),
+               "opt_state": restored["opt_state"], "step": restored["step"]}
+      log(f"resumed from {ckpt.directory} at step {start_step}")
+    elif config.mode == "eval" and not config.get("model_init"):
+      raise FileNotFoundError(f"mode='eval' needs a checkpoint in {ckpt.directory} or "
+                              f"config.model_init; found neither.")
+    run_evals = lambda params: {k: v for split in config.eval_splits
+                                for k, v in evaluate(exp, params, split).items()}
+    writer = writers.create_writer(workdir)
+    final = {"step": start_step}
+    if config.mode == "train" and start_step < total_steps:
+      state, train_metrics = _train_loop(exp, state, start_step, ckpt, writer, run_evals)
+      final.update(train_metrics, step=total_steps)
+    final.update(run_evals(state["params"]))
+  finally:
+    ckpt.close()  # waits for pending asynchronous saves, also when training stopped on an error
   writer.write_scalars(final["step"], {k: v for k, v in final.items() if k != "step"})
   writer.flush()
   for key in sorted(final):
@@ -238,3 +246,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     writers.write_json_atomic(os.path.join(workdir, "metrics.json"), final)
   return final
+
+
+def _train_loop(exp: Experiment, state, start_step: int, ckpt, writer, run_evals):
+  """Steps from `start_step` to the end with periodic logging, evals and checkpoints."""
+  config, total_steps = exp.config, exp.total_steps
+  batches = pipeline.make_train_dataset(
+      exp.data.source, config.train_split, exp.data.train_pp, global_batch_size=config.batch_size,
+      seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count()).as_numpy_iterator()
+  progress = writers.Progress(total_steps, start_step)
+  accum = config.optim.get("grad_accum_steps", 1)
+  window, means = [], {}
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = exp.train_step(state, sharding.global_batch(next(batches), exp.mesh))
+    window.append(metrics)
+    last = step == total_steps
+    if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or last:
+      # Also before every checkpoint: a NaN loss stops the run before it can be saved.
+      stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
+      window = []
+      if not stacked.pop("finite").all():
+        raise FloatingPointError(
+            f"non-finite loss or params by step {step} (losses since the last check: "
+            f"{stacked['loss'].tolist()}); stopped. The last good checkpoint (step "
+            f"{ckpt.latest_step()}) is kept in {ckpt.directory}.")
+      means = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()}
+      means["train/lr"] = float(exp.schedule((step - 1) // accum))
+      writer.write_scalars(step, means)
+      log(progress.line(step, means))
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
+      writer.write_scalars(step, run_evals(state["params"]))
+    ckpt.save(step, exp.checkpointed(state), force=last)
+  return state, means

@@ -3,8 +3,8 @@
 Follows big_vision `big_vision/models/common.py::merge_params`: loading is strict. Every model
 parameter must come from the checkpoint with the same shape unless its name full-matches one of the
 `dont_load` regexes (then it keeps its init value), and every checkpoint entry must be used unless
-it full-matches one of them (then it is dropped). Unlike big_vision, one error lists every problem at
-once (missing, unexpected and mis-shaped names) together with the file it came from.
+it full-matches one of them (then it is dropped). Unlike big_vision, one error lists every problem
+at once (missing, unexpected and mis-shaped names) together with the file it came from.
 
 `load_torch_state_dict` reads Hugging Face / PyTorch weights into numpy so that each backbone's
 converter (e.g. `jaxprompt.models.vit.convert_hf_vit`) only renames and reshapes. torch is a

@@ -207,33 +207,48 @@ QUERY_KERNEL_NAME = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/q
 # counterpart `pooler.dense`, which `convert_hf_vit` renames to `pre_logits`.
 KNOWN_EXTRAS = (r"pre_logits/.*",)
 
-# transformers name (after an optional 'vit.' prefix) -> our name, outside the blocks.
+
+def _weight_and_bias(hf_module: str, our_module: str, weight: str = "kernel") -> dict[str, str]:
+  """('m', 'M') -> {'m.weight': 'M/kernel', 'm.bias': 'M/bias'}; LayerNorms pass weight='scale'."""
+  return {f"{hf_module}.weight": f"{our_module}/{weight}",
+          f"{hf_module}.bias": f"{our_module}/bias"}
+
+
+# transformers module (after an optional 'vit.' prefix) -> our module, outside the blocks.
 _HF_NAMES = {
     "embeddings.cls_token": "cls",
     "embeddings.position_embeddings": POSEMB_NAME,
-    "embeddings.patch_embeddings.projection.weight": "embedding/kernel",
-    "embeddings.patch_embeddings.projection.bias": "embedding/bias",
-    "layernorm.weight": "Transformer/encoder_norm/scale",
-    "layernorm.bias": "Transformer/encoder_norm/bias",
-    "classifier.weight": "head/kernel",
-    "classifier.bias": "head/bias",
-    "pooler.dense.weight": "pre_logits/kernel",
-    "pooler.dense.bias": "pre_logits/bias",
+    **_weight_and_bias("embeddings.patch_embeddings.projection", "embedding"),
+    **_weight_and_bias("layernorm", "Transformer/encoder_norm", weight="scale"),
+    **_weight_and_bias("classifier", "head"),
+    **_weight_and_bias("pooler.dense", "pre_logits"),
 }
-# 'encoder.layer.{i}.<key>' -> 'Transformer/encoderblock_{i}/<value>'.
+# '<block prefix>.{i}.<module>' -> 'Transformer/encoderblock_{i}/<module>'. transformers writes
+# files (Hub checkpoints, `save_pretrained`) with the legacy names under 'encoder.layer'; since v5
+# its modules (`model.state_dict()`) live under 'layers' with q/k/v/o_proj and mlp.fc1/fc2. We read
+# both.
+_HF_BLOCK_PREFIX = r"(?:encoder\.layer|layers)"
+_HF_BLOCK_LINEARS = {
+    # legacy (file) names
+    "attention.attention.query": "MultiHeadDotProductAttention_1/query",
+    "attention.attention.key": "MultiHeadDotProductAttention_1/key",
+    "attention.attention.value": "MultiHeadDotProductAttention_1/value",
+    "attention.output.dense": "MultiHeadDotProductAttention_1/out",
+    "intermediate.dense": "MlpBlock_3/Dense_0",
+    "output.dense": "MlpBlock_3/Dense_1",
+    # transformers >= 5 module names
+    "attention.q_proj": "MultiHeadDotProductAttention_1/query",
+    "attention.k_proj": "MultiHeadDotProductAttention_1/key",
+    "attention.v_proj": "MultiHeadDotProductAttention_1/value",
+    "attention.o_proj": "MultiHeadDotProductAttention_1/out",
+    "mlp.fc1": "MlpBlock_3/Dense_0",
+    "mlp.fc2": "MlpBlock_3/Dense_1",
+}
 _HF_BLOCK_NAMES = {
-    "layernorm_before.weight": "LayerNorm_0/scale",
-    "layernorm_before.bias": "LayerNorm_0/bias",
-    "layernorm_after.weight": "LayerNorm_2/scale",
-    "layernorm_after.bias": "LayerNorm_2/bias",
-    "intermediate.dense.weight": "MlpBlock_3/Dense_0/kernel",
-    "intermediate.dense.bias": "MlpBlock_3/Dense_0/bias",
-    "output.dense.weight": "MlpBlock_3/Dense_1/kernel",
-    "output.dense.bias": "MlpBlock_3/Dense_1/bias",
-    "attention.output.dense.weight": "MultiHeadDotProductAttention_1/out/kernel",
-    "attention.output.dense.bias": "MultiHeadDotProductAttention_1/out/bias",
-    **{f"attention.attention.{qkv}.{hf}": f"MultiHeadDotProductAttention_1/{qkv}/{ours}"
-       for qkv in ("query", "key", "value") for hf, ours in (("weight", "kernel"), ("bias", "bias"))},
+    **_weight_and_bias("layernorm_before", "LayerNorm_0", weight="scale"),
+    **_weight_and_bias("layernorm_after", "LayerNorm_2", weight="scale"),
+    **{hf_name: our_name for hf_module, our_module in _HF_BLOCK_LINEARS.items()
+       for hf_name, our_name in _weight_and_bias(hf_module, our_module).items()},
 }
 
 
@@ -256,7 +271,7 @@ def _hf_to_ours(name: str) -> Optional[str]:
   name = name.removeprefix("vit.")
   if name in _HF_NAMES:
     return _HF_NAMES[name]
-  match = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", name)
+  match = re.fullmatch(_HF_BLOCK_PREFIX + r"\.(\d+)\.(.+)", name)
   if match and match.group(2) in _HF_BLOCK_NAMES:
     return f"Transformer/encoderblock_{match.group(1)}/{_HF_BLOCK_NAMES[match.group(2)]}"
   return None
@@ -279,28 +294,34 @@ def convert_hf_vit(state_dict: dict[str, np.ndarray], *, num_heads: int,
   if unknown:
     raise ValueError(f"{source}: not transformers ViT parameters ({len(unknown)}): "
                      + ", ".join(unknown))
-  flat = {}
+  flat, hf_names = {}, {}
   for hf_name, value in state_dict.items():
     name = _hf_to_ours(hf_name)
+    if name in flat:
+      raise ValueError(f"{source}: {hf_names[name]!r} and {hf_name!r} both map to {name!r} "
+                       "(a mix of legacy and transformers>=5 names?).")
     value = np.asarray(value)
     if name == "embedding/kernel":
-      value = value.transpose(2, 3, 1, 0)
-    elif hf_name.endswith(".weight") and value.ndim == 2:  # Linear; LayerNorm weights are 1-D
-      value = value.T
-    if "MultiHeadDotProductAttention_1" in name and not name.endswith("out/bias"):
-      width = value.shape[-1] if name.endswith("out/kernel") else value.shape[0]
-      if width % num_heads:
-        raise ValueError(f"{source}: {hf_name} has width {width}, not divisible by "
-                         f"num_heads={num_heads}.")
-      head_shape = (num_heads, width // num_heads)
-      if name.endswith("out/kernel"):
-        value = value.reshape(*head_shape, value.shape[-1])  # (H, D/H, D)
-      elif name.endswith("kernel"):
-        value = value.reshape(value.shape[0], *head_shape)  # (D, H, D/H)
-      else:
-        value = value.reshape(head_shape)  # (H, D/H)
-    flat[name] = value
+      value = value.transpose(2, 3, 1, 0)  # (D, 3, p, p) -> (p, p, 3, D)
+    elif name.endswith("kernel"):
+      value = value.T  # nn.Linear (out, in) -> (in, out)
+    if "/MultiHeadDotProductAttention_1/" in name:
+      value = _split_heads(name, value, num_heads, where=f"{source}: {hf_name}")
+    flat[name], hf_names[name] = value, hf_name
   return common.unflatten(flat)
+
+
+def _split_heads(name: str, value: np.ndarray, num_heads: int, where: str) -> np.ndarray:
+  """Flax attention layout: q/k/v kernel (D, D) -> (D, H, D/H) and bias (D,) -> (H, D/H);
+  out kernel (D, D) -> (H, D/H, D); out bias (D,) unchanged."""
+  if name.endswith("out/bias"):
+    return value
+  head_axis = 0 if name.endswith("out/kernel") else value.ndim - 1
+  width = value.shape[head_axis]
+  if width % num_heads:
+    raise ValueError(f"{where} has {width} features, not divisible by num_heads={num_heads}.")
+  shape = value.shape[:head_axis] + (num_heads, width // num_heads) + value.shape[head_axis + 1:]
+  return value.reshape(shape)
 
 
 def resize_pos_embedding(posemb: np.ndarray, target_len: int) -> np.ndarray:

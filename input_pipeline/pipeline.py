@@ -1,0 +1,96 @@
+"""Batched training and evaluation streams over any `DataSource`, per host.
+
+Training (`make_train_dataset`): an endless stream of epochs over this host's block of the split.
+Epoch e is the block shuffled with a seed derived from (seed, host, e), so the stream is a pure
+function of the seed: the same seed gives the same batches, and resuming at `start_step` starts
+at epoch ⌊start_step·b/n⌋ and skips the rest *before* decoding, so the batches from there on are
+the ones an uninterrupted run would have seen. Batches may straddle epochs (big_vision style), so
+no example is dropped for good; every batch is full.
+
+Evaluation (`make_eval_dataset`): one pass, every example of the split exactly once over all
+hosts; the last batch is padded with '_mask' = False examples, and every host yields the same
+number of batches (hosts with fewer examples add whole masked batches).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+from input_pipeline import base
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}.")
+  return global_batch_size // process_count
+
+
+def _host_counts(source, split: str, process_count: int) -> list[int]:
+  total = source.num_examples(split)
+  return [end - start for start, end in
+          (base.host_range(total, i, process_count) for i in range(process_count))]
+
+
+def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict],
+                       *, global_batch_size: int, seed: int, start_step: int = 0,
+                       process_index: int = 0, process_count: int = 1,
+                       cache: bool = True) -> tf.data.Dataset:
+  """Endless batches {'image': (b, H, W, 3) f32, 'label': (b,) int32}, b = global / processes."""
+  batch = local_batch_size(global_batch_size, process_count)
+  num_local = _host_counts(source, split, process_count)[process_index]
+  if num_local == 0:
+    raise ValueError(f"{source.name} split {split!r} has no examples for host {process_index} "
+                     f"of {process_count}.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  raw = source.raw_dataset(split, process_index=process_index, process_count=process_count)
+  if cache:
+    raw = raw.cache()  # raw = not yet decoded: encoded bytes / paths / small arrays
+  shuffle_key = tf.constant([seed, 2 * process_index], tf.int64)
+  augment_key = tf.constant([seed, 2 * process_index + 1], tf.int64)
+
+  def epoch(e):
+    epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_key, e)[0]
+    return raw.shuffle(num_local, seed=tf.cast(epoch_seed, tf.int64))
+
+  first_epoch, offset = divmod(start_step * batch, num_local)
+  stream = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
+  positions = tf.data.Dataset.counter(first_epoch * num_local)  # index of the example in the run
+  stream = tf.data.Dataset.zip((stream, positions)).skip(offset)
+
+  def prepare(example, position):
+    example = dict(source.decode(example))
+    example["_seed"] = tf.random.experimental.stateless_fold_in(augment_key, position)
+    example = preprocess_fn(example)
+    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+
+  stream = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict],
+                      *, global_batch_size: int, process_index: int = 0,
+                      process_count: int = 1) -> tf.data.Dataset:
+  """One pass of batches {'image', 'label', '_mask': (b,) bool}, padded as described above."""
+  batch = local_batch_size(global_batch_size, process_count)
+  counts = _host_counts(source, split, process_count)
+  num_batches = -(-max(counts) // batch)
+
+  def prepare(example):
+    example = preprocess_fn(example)
+    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32),
+            "_mask": tf.constant(True)}
+
+  ds = source.dataset(split, process_index=process_index, process_count=process_count)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  image_shape = ds.element_spec["image"].shape
+  if not image_shape.is_fully_defined():
+    raise ValueError(f"Evaluation batches need a fixed image size after preprocessing; got "
+                     f"{image_shape} for {source.name} split {split!r}.")
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros(image_shape, ds.element_spec["image"].dtype),
+      "label": tf.constant(0, tf.int32), "_mask": tf.constant(False)})
+  ds = ds.concatenate(padding.repeat(num_batches * batch - counts[process_index]))
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

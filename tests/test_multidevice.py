@@ -19,6 +19,7 @@ def losses(num_devices, strategy, steps=4):
   config.model.variant = "Ti/8"  # big enough that FSDP shards its matrices
   config.param_sharding = strategy
   config.total_steps = steps
+  config.optim.lr = 0.02  # a sane step size: the losses stay near log(10) and comparable
   exp = train.build(config)
   it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
                                    global_batch_size=config.batch_size, seed=0).as_numpy_iterator()

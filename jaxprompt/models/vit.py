@@ -23,6 +23,7 @@ import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
@@ -72,6 +73,52 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
+class _Projection(nn.Module):
+  """A projection's kernel (*in_shape, *out_shape) and bias (*out_shape), as Flax's `DenseGeneral`
+  stores them (Xavier-uniform over the flattened (in, out) matrix); returned, not applied."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self):
+    flat = (math.prod(self.in_shape), math.prod(self.out_shape))
+    init = lambda rng, shape: nn.initializers.xavier_uniform()(rng, flat).reshape(shape)
+    kernel = self.param("kernel", init, (*self.in_shape, *self.out_shape))
+    return kernel, self.param("bias", nn.initializers.zeros, self.out_shape)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with the parameters of `nn.MultiHeadDotProductAttention`.
+
+  Same names and shapes as Flax's module (`query|key|value/kernel` (D, H, D/H), `out/kernel`
+  (H, D/H, D)), so Google's checkpoints load unchanged, but computed as one fused (D, 3D) QKV
+  matmul and head-major batched matmuls: on CPU this runs the attention about 1.5x faster than
+  Flax's einsum layout (benchmarks/train_step.py).
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    batch, length, width = x.shape  # (B, N, D)
+    heads, head_dim = self.num_heads, width // self.num_heads
+    qkv = [_Projection((width,), (heads, head_dim), name=n)()
+           for n in ("query", "key", "value")]
+    kernel = jnp.concatenate([k.reshape(width, width) for k, _ in qkv], axis=1)  # (D, 3D)
+    bias = jnp.concatenate([b.reshape(width) for _, b in qkv])
+    qkv = (x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype))
+    qkv = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # each (B, H, N, D/H)
+    weights = jax.nn.softmax((q @ k.swapaxes(-1, -2)).astype(jnp.float32)).astype(self.dtype)
+    if not deterministic and self.dropout_rate > 0:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)  # (B, N, D)
+    out_kernel, out_bias = _Projection((heads, head_dim), (width,), name="out")()
+    return (out @ out_kernel.reshape(width, width).astype(self.dtype)
+            + out_bias.astype(self.dtype))
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
   mlp_dim: int
@@ -85,11 +132,8 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(),
-        dropout_rate=self.attention_dropout, deterministic=deterministic,
-        name="MultiHeadDotProductAttention_1")(y, y)
+    y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype,
+                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,

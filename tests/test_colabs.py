@@ -1,0 +1,33 @@
+"""Every notebook in colabs/ runs top to bottom (its code cells, in order, in a fresh process)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colabs", "*.ipynb")))
+
+
+def notebook_code(path: str) -> str:
+  """The notebook's code cells joined; shell/magic lines (`!`, `%`) are Colab-only setup."""
+  cells = json.load(open(path))["cells"]
+  lines = [line for cell in cells if cell["cell_type"] == "code"
+           for line in "".join(cell["source"]).splitlines()
+           if not line.lstrip().startswith(("!", "%"))]
+  return "\n".join(lines)
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS, "colabs/ has no notebooks"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs(path, tmp_path):
+  script = tmp_path / "notebook.py"
+  script.write_text(notebook_code(path))
+  proc = subprocess.run([sys.executable, str(script)], cwd=os.path.join(REPO, "colabs"),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

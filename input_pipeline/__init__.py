@@ -1,28 +1,48 @@
 """Datasets by name: `get_source('vtab/cifar')`, `('folder', root=...)`, `('embedded/shapes')`.
 
-One module per dataset family (`vtab.py`, `folder.py`, `embedded.py`), all implementing
-`base.DataSource`; `preprocess.py` holds the per-example transforms and `pipeline.py` the batched
-train/eval streams. The pipeline knows nothing about models.
+One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`, `folder.py`,
+`embedded.py`), all implementing `base.DataSource` (`file_list.py` holds the source that the
+file-list families share); `preprocess.py` holds the per-example transforms and `pipeline.py`
+the batched train/eval streams. The pipeline knows nothing about models.
 """
 from __future__ import annotations
 
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.embedded import ShapesSource
+from input_pipeline.fgvc import FGVC_DATASETS, FgvcSource
 from input_pipeline.folder import FolderSource
+from input_pipeline.hta import HTA_DATASETS, make_hta_source
 from input_pipeline.vtab import VTAB_TASKS, VtabSource
+from input_pipeline.vtab_files import VtabFilesSource
 
-SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS), "folder", "embedded/shapes")
+SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS),
+                *(f"vtab1k_files/{task}" for task in VTAB_TASKS),
+                *(f"fgvc/{dataset}" for dataset in FGVC_DATASETS),
+                *(f"hta/{dataset}" for dataset in HTA_DATASETS), "folder", "embedded/shapes")
 
 
 def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSource:
   """The data source called `name` (one of `SOURCE_NAMES`).
 
   vtab/<task>: TFDS data prepared in `data_dir` (kwargs: tfds_version to override the version).
+  vtab1k_files/<task>: the SSF/NOAH txt lists; kwargs root=<task folder>, or data_dir=<folder
+    holding the task folders>.
+  fgvc/<dataset>: VPT's json release; kwargs root=<dataset folder>, or data_dir=<folder holding
+    SA2VP's dataset folders>; check_num_classes=False for subsets.
+  hta/<dataset>: TFDS data in `data_dir` (cifar10, cifar100, dtd, food101, svhn; kwargs:
+    split_seed for food101), as fgvc/<dataset> (cub, nabirds, dogs, flowers), or GTSRB folders
+    (kwargs root=<gtsrb folder> or data_dir=<its parent>, split_seed, check_num_classes).
   folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}.
   embedded/shapes: generated in memory, no kwargs.
   """
   if name.startswith("vtab/") and name in SOURCE_NAMES:
     return VtabSource(name.removeprefix("vtab/"), data_dir=data_dir, **kwargs)
+  if name.startswith("vtab1k_files/") and name in SOURCE_NAMES:
+    return VtabFilesSource(name.removeprefix("vtab1k_files/"), data_dir=data_dir, **kwargs)
+  if name.startswith("fgvc/") and name in SOURCE_NAMES:
+    return FgvcSource(name.removeprefix("fgvc/"), data_dir=data_dir, **kwargs)
+  if name.startswith("hta/") and name in SOURCE_NAMES:
+    return make_hta_source(name.removeprefix("hta/"), data_dir=data_dir, **kwargs)
   if name == "folder":
     if "root" not in kwargs:
       raise ValueError("Data source 'folder' needs root=... (root/<split>/<class_name>/*.jpg); "

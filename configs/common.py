@@ -30,3 +30,60 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       value = type(default)(value)
     parsed[key] = value
   return parsed
+
+
+def base_config(*, model_name: str, model: dict) -> ml_collections.ConfigDict:
+  """The spine's settings every config shares; method configs set data, optimizer and schedule."""
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+  config.mode = "train"  # or 'eval': evaluate the workdir's latest checkpoint
+  config.model_name = model_name
+  config.model = ml_collections.ConfigDict(model)
+  config.model_init = ""  # pretrained backbone weights (see the method's `load`)
+  config.trainable_params = ""  # '' = the method's own TRAINABLE_PARAMS regex
+  config.compute_dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
+  config.data_dir = ""  # TFDS data_dir; '' = TFDS default
+  config.dataset_kwargs = ml_collections.ConfigDict()
+  config.total_steps = 0  # 0: derived from num_epochs
+  config.label_smoothing = 0.0
+  config.mesh = ml_collections.ConfigDict(dict(num_devices=0, model=1))  # 0 = all devices
+  config.param_sharding = "replicate"  # or 'fsdp'
+  config.log_every_steps = 50
+  config.eval_every_steps = 0  # 0: only at the end
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  return config
+
+
+def optimizer(name: str, lr: float, weight_decay: float, **kw) -> ml_collections.ConfigDict:
+  """`config.optim` with every key the spine reads (see jaxprompt/optim.py)."""
+  settings = dict(name=name, lr=lr, momentum=0.9, weight_decay=weight_decay, no_weight_decay="",
+                  warmup_epochs=0, warmup_steps=0, min_lr=0.0, grad_clip_norm=0.0,
+                  grad_accum_steps=1)
+  unknown = set(kw) - set(settings)
+  if unknown:
+    raise ValueError(f"Unknown optimizer settings {sorted(unknown)}; valid: {sorted(settings)}.")
+  settings.update(kw)
+  return ml_collections.ConfigDict(settings)
+
+
+def use_embedded_demo(config, *, variant: str = "mu/4", epochs: int = 8) -> None:
+  """The out-of-the-box run: generated 32 px shapes, a tiny ViT trained from its random init."""
+  config.dataset = "embedded/shapes"
+  config.train_split, config.eval_splits = "train", ("test",)
+  config.model.variant = variant
+  config.pp.image_size = 32
+  config.batch_size = 32
+  config.eval_batch_size = 250
+  config.num_epochs = epochs
+  config.optim.warmup_epochs = 1
+
+
+def apply_runlocal(config) -> None:
+  """A smoke run: a few steps on whatever data is configured."""
+  config.total_steps = 4
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.optim.warmup_epochs = 0
+  config.optim.warmup_steps = 1
+  config.log_every_steps = 2

@@ -1,6 +1,6 @@
 """VPT (Jia et al., ECCV 2022) on VTAB-1k, or on the embedded demo data when no task is given.
 
-  # Demo (embedded generated data, tiny random ViT; < 5 minutes on 2 CPU cores):
+  # Demo (embedded generated data, tiny random ViT; under a minute on 2 CPU cores):
   python -m jaxprompt.main --config configs/vpt_vtab.py
   # A VTAB-1k task with ImageNet-21k ViT-B/16 (the paper's protocol: train on train800val200,
   # report test at the last epoch):
@@ -24,58 +24,25 @@ from input_pipeline import preprocess
 def get_config(arg=None):
   arg = common.parse_arg(arg, task="", variant="B/16", num_prompts=10, shallow=False,
                          split="test", runlocal=False)
-  config = ml_collections.ConfigDict()
-  config.seed = 42
-  config.mode = "train"  # or 'eval': evaluate the workdir's latest checkpoint
-  config.model_name = "prompts.vpt"
-  config.model = ml_collections.ConfigDict(dict(
+  config = common.base_config(model_name="prompts.vpt", model=dict(
       variant=arg.variant, num_prompts=arg.num_prompts, deep=not arg.shallow,
       prompt_dropout=0.0 if arg.shallow else 0.1))
-  config.model_init = ""  # Google .npz or Hugging Face ViT weights (.safetensors/.bin)
-  config.trainable_params = ""  # '' = the method's own (prompts + head)
-  config.compute_dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
-
   config.pp = ml_collections.ConfigDict(dict(
       image_size=224, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD,
       train_augment="none", eval_augment="none"))
-  config.data_dir = ""  # TFDS data_dir; '' = TFDS default
-  config.dataset_kwargs = ml_collections.ConfigDict()
   config.batch_size = 64
   config.eval_batch_size = 256
   config.num_epochs = 100
-  config.total_steps = 0  # 0: derived from num_epochs
-  config.label_smoothing = 0.0
-  config.optim = ml_collections.ConfigDict(dict(
-      name="sgd", lr=0.25, momentum=0.9, weight_decay=1e-4, no_weight_decay="head/bias",
-      warmup_epochs=10, warmup_steps=0, min_lr=0.0, grad_clip_norm=0.0, grad_accum_steps=1))
-
-  config.mesh = ml_collections.ConfigDict(dict(num_devices=0, model=1))  # 0 = all devices
-  config.param_sharding = "replicate"  # or 'fsdp'
-  config.log_every_steps = 50
-  config.eval_every_steps = 0  # 0: only at the end
-  config.checkpoint_every_steps = 500
-  config.keep_checkpoints = 2
+  config.optim = common.optimizer("sgd", lr=0.25, weight_decay=1e-4, momentum=0.9,
+                                  no_weight_decay="head/bias", warmup_epochs=10)
 
   if arg.task:
     config.dataset = f"vtab/{arg.task}"
     config.train_split, config.eval_splits = (
         ("train800", ("val200",)) if arg.split == "val" else ("train800val200", ("test",)))
-  else:  # The embedded demo: generated 32 px images, a tiny ViT trained from its random init.
-    config.dataset = "embedded/shapes"
-    config.train_split, config.eval_splits = "train", ("test",)
-    config.model.variant = "mu/4"
-    config.pp.image_size = 32
-    config.batch_size = 32
-    config.num_epochs = 8
-    config.optim.warmup_epochs = 1
+  else:
+    common.use_embedded_demo(config)
     config.optim.lr = 0.5
-    config.log_every_steps = 50
-
-  if arg.runlocal:  # a smoke run: a few steps on whatever data is configured
-    config.total_steps = 4
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.optim.warmup_epochs = 0
-    config.optim.warmup_steps = 1
-    config.log_every_steps = 2
+  if arg.runlocal:
+    common.apply_runlocal(config)
   return config

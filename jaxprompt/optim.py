@@ -82,14 +82,21 @@ def apply_updates(params, updates, labels):
 
 
 def parameter_table(params, labels) -> str:
-  """Table of parameter counts per top-level group, trainable or frozen, with totals."""
-  rows = {}
+  """Parameter counts, trainable and total, per top-level group (a group mixing trainable and
+  frozen params is split by its second level, layer indices folded: `cross_block_*`)."""
   flat_labels = traverse_util.flatten_dict(labels, sep="/")
+  top_mixed = {}
+  for name, label in flat_labels.items():
+    top_mixed.setdefault(name.split("/")[0], set()).add(label)
+  rows = {}
   for name, leaf in traverse_util.flatten_dict(params, sep="/").items():
-    group, label = name.split("/")[0], flat_labels[name]
+    parts = name.split("/")
+    group = parts[0]
+    if len(top_mixed[group]) > 1 and len(parts) > 1:
+      group += "/" + re.sub(r"_\d+$", "_*", parts[1])
     count, trainable = rows.get(group, (0, 0))
     size = int(np.prod(leaf.shape))
-    rows[group] = (count + size, trainable + (size if label == TRAIN else 0))
+    rows[group] = (count + size, trainable + (size if flat_labels[name] == TRAIN else 0))
   total = sum(c for c, _ in rows.values())
   trainable = sum(t for _, t in rows.values())
   frozen = total - trainable

@@ -8,7 +8,9 @@ plugs in as a module `jaxprompt.<config.model_name>` that exports
     `apply({'params': p}, images, train=bool, rngs=...)` returns `(logits, aux)`;
   * `TRAINABLE_PARAMS`: the regex of param names that train (overridable by
     `config.trainable_params`);
-  * `load(init_params, path)`: pretrained backbone weights merged into `init_params`.
+  * `load(init_params, path)`: pretrained backbone weights merged into `init_params`;
+  * optionally `training_loss(logits, aux, labels, num_classes, label_smoothing)`: per-example
+    losses (default: cross-entropy on `logits`); accuracy always uses `logits`.
 """
 from __future__ import annotations
 
@@ -79,20 +81,26 @@ def with_trainable(params, subset):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def make_train_step(model, tx, labels, *, num_classes: int, label_smoothing: float, seed: int):
+def default_loss(logits, aux, labels, num_classes: int, label_smoothing: float = 0.0):
+  del aux
+  return optim.cross_entropy(logits, labels, num_classes, label_smoothing)
+
+
+def make_train_step(model, tx, labels, *, loss_fn, num_classes: int, label_smoothing: float,
+                    seed: int):
   """(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}."""
   base_rng = jax.random.PRNGKey(seed)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
 
-    def loss_fn(params):
-      logits, _ = model.apply({"params": params}, batch["image"], train=True,
-                              rngs={"dropout": rng})
-      loss = optim.cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+    def mean_loss(params):
+      logits, aux = model.apply({"params": params}, batch["image"], train=True,
+                                rngs={"dropout": rng})
+      loss = loss_fn(logits, aux, batch["label"], num_classes, label_smoothing).mean()
       return loss, logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optim.apply_updates(state["params"], updates, labels)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -106,14 +114,14 @@ def make_train_step(model, tx, labels, *, num_classes: int, label_smoothing: flo
   return train_step
 
 
-def make_eval_step(model, num_classes: int):
+def make_eval_step(model, *, loss_fn, num_classes: int):
   """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
 
   def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+    logits, aux = model.apply({"params": params}, batch["image"], train=False)
     mask = batch["_mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    loss = optim.cross_entropy(logits, batch["label"], num_classes)
+    loss = loss_fn(logits, aux, batch["label"], num_classes)
     return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask)}
 
@@ -195,12 +203,13 @@ def build(config) -> Experiment:
            "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": sharding.replicated(mesh)}
+  loss_fn = getattr(module, "training_loss", default_loss)
   train_step = jax.jit(
-      make_train_step(model, tx, labels, num_classes=num_classes,
+      make_train_step(model, tx, labels, loss_fn=loss_fn, num_classes=num_classes,
                       label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, num_classes),
+  eval_step = jax.jit(make_eval_step(model, loss_fn=loss_fn, num_classes=num_classes),
                       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
   return Experiment(config, mesh, data, module, model, labels, schedule, state, state_shardings,

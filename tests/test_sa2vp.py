@@ -1,0 +1,228 @@
+"""SA2VP on ViT: the local attention, the layer schedule, what trains, the loss, the recipe.
+
+The full ViT-B/16 forward was also checked once against the original `vit_tinypara.py`
+(tommy-xq/SA2VP at 35674e7, eval mode, shared random weights): max relative error 1.5e-6 for the
+image logits and 8.2e-7 for the prompt logits. That code cannot ship here (not ours), so the tests
+below pin each part of it instead.
+"""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import sa2vp_vtab
+from input_pipeline import pipeline
+from jaxprompt import optim, sharding, train
+from jaxprompt.models import common, vit
+from jaxprompt.prompts import sa2vp
+
+
+def per_position_local_attention(q, k, v, grid_h, grid_w):
+  """The reference's loop: CLS query over all keys; patch (r, c) over its clipped 3x3 patches.
+
+  q, k, v: (H, 1 + N, Dh) numpy. Returns (H, 1 + N, Dh).
+  """
+  def attend(query, keys, values):
+    logits = keys @ query / np.sqrt(query.shape[-1])
+    weights = np.exp(logits - logits.max())
+    return (weights / weights.sum()) @ values
+
+  out = np.zeros_like(q)
+  for h in range(q.shape[0]):
+    out[h, 0] = attend(q[h, 0], k[h], v[h])
+    for r, c in itertools.product(range(grid_h), range(grid_w)):
+      neighbours = [1 + rr * grid_w + cc
+                    for rr in range(max(r - 1, 0), min(r + 2, grid_h))
+                    for cc in range(max(c - 1, 0), min(c + 2, grid_w))]
+      t = 1 + r * grid_w + c
+      out[h, t] = attend(q[h, t], k[h, neighbours], v[h, neighbours])
+  return out
+
+
+def test_local_mask_neighbourhood_sizes():
+  mask = sa2vp.local_attention_mask(14, 14)
+  assert mask.shape == (197, 197)
+  assert mask[0].all() and not mask[1:, 0].any()
+  counts = mask[1:, 1:].sum(1).reshape(14, 14)
+  assert counts[0, 0] == counts[0, -1] == counts[-1, 0] == counts[-1, -1] == 4
+  assert (counts[0, 1:-1] == 6).all() and (counts[1:-1, 0] == 6).all()
+  assert (counts[1:-1, 1:-1] == 9).all()
+  assert (sa2vp.local_attention_mask(3, 5, cls_token=False) == mask_without_cls(3, 5)).all()
+
+
+def mask_without_cls(h, w):
+  return sa2vp.local_attention_mask(h, w)[1:, 1:]
+
+
+def test_vectorised_local_cross_attention_equals_per_position_loop():
+  grid_h, grid_w, width, heads = 4, 5, 16, 2
+  attention = vit.MultiHeadAttention(num_heads=heads)
+  rng = np.random.default_rng(0)
+  query = rng.normal(size=(1, 1 + grid_h * grid_w, width)).astype(np.float32)
+  key_value = rng.normal(size=(1, 1 + grid_h * grid_w, width)).astype(np.float32)
+  params = attention.init(jax.random.PRNGKey(0), query, key_value)["params"]
+  params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32) * 0.3, params)
+  got = attention.apply({"params": params}, query, key_value,
+                        mask=sa2vp.local_attention_mask(grid_h, grid_w))
+
+  def project(x, name):  # (L, D) -> (H, L, Dh)
+    kernel, bias = (np.asarray(params[name][n]) for n in ("kernel", "bias"))
+    return (np.einsum("ld,dhk->hlk", x, kernel) + bias[:, None])
+
+  heads_out = per_position_local_attention(project(query[0], "query"), project(key_value[0], "key"),
+                                           project(key_value[0], "value"), grid_h, grid_w)
+  expected = np.einsum("hlk,hkd->ld", heads_out, params["out"]["kernel"]) + params["out"]["bias"]
+  np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inter_dim,expected", [(8, 202_200), (16, 372_912), (32, 714_336),
+                                                (64, 1_397_184)])
+def test_trainable_parameter_count_matches_the_reference(inter_dim, expected):
+  """21339 d + 31488 for ViT-B/16 (spec §1.3), plus 769 C for the head; backbone 85,798,656."""
+  model = sa2vp.Model(num_classes=100, variant="B/16", inter_dim=inter_dim)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 224, 224, 3)))["params"])
+  labels = traverse_util.flatten_dict(optim.param_labels(shapes, sa2vp.TRAINABLE_PARAMS), sep="/")
+  sizes = {k: int(np.prod(v.shape)) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
+  trainable = sum(n for k, n in sizes.items() if labels[k] == optim.TRAIN)
+  assert trainable == expected + 769 * 100
+  assert sum(sizes.values()) - trainable == 85_798_656
+
+
+def tiny_model(**kw):
+  """Two blocks: block 0 has the prompt query the image, block 1 the reverse plus a deep prompt."""
+  return sa2vp.Model(num_classes=5, variant="mu/4", dropout=0.1, deep_prompt_layers=(1,), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  params = tiny_model().init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  return params
+
+
+def test_shapes_and_parameter_tree(tiny_params):
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 16, 3)), jnp.float32)
+  logits, aux = tiny_model().apply({"params": tiny_params}, images)
+  assert logits.shape == aux["prompt_logits"].shape == (3, 5)
+  assert aux["pre_logits"].shape == (3, 32)
+  t = tiny_params["Transformer"]
+  assert t["ppt"].shape == (1, 17, 16) and t["deep_ppt"].shape == (1, 1, 17, 16)
+  assert t["cross_conv"].shape == (1, 32) and t["deep_proj_0"]["kernel"].shape == (16, 32)
+  assert sorted(k for k in t if k.startswith("cross_block")) == ["cross_block_0", "cross_block_1"]
+  assert set(t["cross_block_0"]) == {"ffn_norm", "ffn"}  # the attention is block 0's own
+
+
+def test_with_zero_inter_weight_the_image_branch_is_the_plain_vit(tiny_params):
+  """alpha = 0 cuts every cross term: image logits = vit.Model with the same backbone and head."""
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
+  logits, _ = tiny_model(inter_weight=0.0).apply({"params": tiny_params}, images)
+  backbone = {k: v for k, v in tiny_params.items()}
+  vit_params = dict(backbone, Transformer={k: v for k, v in tiny_params["Transformer"].items()
+                                           if k.startswith(("encoderblock", "encoder_norm",
+                                                            "posembed"))})
+  plain, _ = vit.Model(num_classes=5, variant="mu/4").apply({"params": vit_params}, images)
+  np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-6)
+  coupled, _ = tiny_model(inter_weight=1.5).apply({"params": tiny_params}, images)
+  assert np.abs(coupled - plain).max() > 1e-3
+
+
+def test_dropout_is_live_in_training_and_off_in_eval(tiny_params):
+  images = jnp.ones((2, 16, 16, 3))
+  run = lambda seed: tiny_model().apply({"params": tiny_params}, images, train=True,
+                                        rngs={"dropout": jax.random.PRNGKey(seed)})[0]
+  assert np.abs(run(0) - run(1)).max() > 0
+  eval_a = tiny_model().apply({"params": tiny_params}, images)[0]
+  np.testing.assert_array_equal(eval_a, tiny_model().apply({"params": tiny_params}, images)[0])
+
+
+def test_training_loss_weights_the_two_branches():
+  logits = jnp.array([[2.0, 0.0, -1.0]])
+  prompt_logits = jnp.array([[0.0, 1.0, 0.0]])
+  labels = jnp.array([0])
+  got = sa2vp.training_loss(logits, {"prompt_logits": prompt_logits}, labels, 3)
+  ce = lambda z: -jax.nn.log_softmax(z)[0, 0]
+  np.testing.assert_allclose(got, [0.8 * ce(logits) + 0.2 * ce(prompt_logits)], rtol=1e-6)
+
+
+def test_trainable_split_and_frozen_params_unchanged_after_steps():
+  config = sa2vp_vtab.get_config("runlocal")
+  config.model.deep_prompt_layers = (1,)
+  exp = train.build(config)
+  labels = traverse_util.flatten_dict(exp.labels, sep="/")
+  trained = sorted(k for k, v in labels.items() if v == optim.TRAIN)
+  assert trained == sorted(
+      ["Transformer/ppt", "Transformer/ppt_proj/kernel", "Transformer/ppt_proj/bias",
+       "Transformer/deep_ppt", "Transformer/cross_conv", "head/kernel", "head/bias"]
+      + [f"Transformer/deep_proj_0/{n}" for n in ("kernel", "bias")]
+      + [f"Transformer/cross_block_{i}/{p}" for i in range(2)
+         for p in ("ffn_norm/scale", "ffn_norm/bias", "ffn/Dense_0/kernel", "ffn/Dense_0/bias",
+                   "ffn/Dense_1/kernel", "ffn/Dense_1/bias")])
+  before = traverse_util.flatten_dict(jax.device_get(exp.state["params"]), sep="/")
+  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
+                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
+  state = exp.state
+  for _ in range(2):
+    state, _ = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
+  after = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
+  for name in after:
+    unchanged = np.array_equal(after[name].view(np.uint32), before[name].view(np.uint32))
+    assert unchanged == (labels[name] == optim.FROZEN), name
+
+
+def test_loss_falls_on_the_embedded_data():
+  config = sa2vp_vtab.get_config("runlocal")
+  config.batch_size, config.total_steps, config.optim.lr = 32, 40, 0.03
+  exp = train.build(config)
+  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
+                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
+  state, losses = exp.state, []
+  for _ in range(config.total_steps):
+    state, metrics = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
+
+
+def test_load_keeps_sa2vp_params_and_requires_the_backbone(tmp_path, tiny_params):
+  backbone = {k: v for k, v in common.flatten(tiny_params).items()
+              if not k.startswith("head") and not any(
+                  s in k for s in ("ppt", "cross_", "deep_proj"))}
+  path = tmp_path / "vit.npz"
+  np.savez(path, **{k: np.asarray(v) + 1.0 for k, v in backbone.items()})
+  loaded = sa2vp.load(tiny_params, str(path))
+  flat = common.flatten(loaded)
+  np.testing.assert_array_equal(flat["embedding/kernel"], np.asarray(backbone["embedding/kernel"]) + 1)
+  np.testing.assert_array_equal(flat["Transformer/ppt"], tiny_params["Transformer"]["ppt"])
+  del backbone["Transformer/encoder_norm/scale"]
+  np.savez(path, **{k: np.asarray(v) for k, v in backbone.items()})
+  with pytest.raises(ValueError, match="Transformer/encoder_norm/scale"):
+    sa2vp.load(tiny_params, str(path))
+
+
+@pytest.mark.parametrize("task", sa2vp_vtab.NATURAL + sa2vp_vtab.SPECIALIZED + sa2vp_vtab.STRUCTURED)
+def test_vtab_config_tables(task):
+  config = sa2vp_vtab.get_config(f"task={task}")
+  group = sa2vp_vtab.task_group(task)
+  expected = {"svhn": (16, 0.5), "resisc45": (16, 0.5), "dsprites_ori": (16, 0.1),
+              "smallnorb_ele": (32, 0.5)}.get(
+                  task, {"natural": (8, 0.1), "specialized": (16, 1.5), "structured": (32, 1.5)}[group])
+  assert (config.model.inter_dim, config.model.inter_weight) == expected
+  assert config.batch_size == (64 if group == "natural" else 40)
+  assert config.optim.lr == (5e-4 if task in ("oxford_iiit_pet", "clevr_count") else 1e-3)
+  assert (config.optim.name, config.optim.weight_decay, config.optim.min_lr) == ("adamw", 1e-4, 1e-7)
+  assert config.pp.mean == config.pp.std == (0.5, 0.5, 0.5)
+  assert config.dataset == f"vtab/{task}" and config.eval_splits == ("test",)
+
+
+def test_weight_decay_mask_follows_the_seed():
+  """wd on every tensor except biases and LayerNorm params (ppt, deep_ppt, cross_conv included)."""
+  import re
+  pattern = re.compile(sa2vp_vtab.get_config().optim.no_weight_decay)
+  decayed = lambda name: not pattern.fullmatch(name)
+  assert decayed("Transformer/ppt") and decayed("Transformer/deep_ppt")
+  assert decayed("Transformer/cross_conv") and decayed("head/kernel")
+  assert decayed("Transformer/cross_block_3/ffn/Dense_0/kernel")
+  assert not decayed("head/bias") and not decayed("Transformer/cross_block_3/ffn_norm/scale")
+  assert not decayed("Transformer/ppt_proj/bias")

@@ -324,3 +324,16 @@ def test_unknown_variant_raises(variant):
     vit.decode_variant(variant)
   with pytest.raises(ValueError, match="Unknown ViT variant"):
     init_params(vit.Model(num_classes=0, variant=variant), 32)
+
+
+def test_dropout_drops_at_the_rate_and_rescales():
+  x = jnp.ones((128, 512))
+  apply = lambda rate, key, y=x: vit.Dropout(rate).apply({}, y, deterministic=False,
+                                                        rngs={"dropout": jax.random.PRNGKey(key)})
+  out = np.asarray(apply(0.1, 0))
+  assert abs((out == 0).mean() - 0.1) < 0.005
+  np.testing.assert_allclose(out[out != 0], 1 / 0.9, rtol=1e-6)
+  assert not np.array_equal(out, np.asarray(apply(0.1, 1)))
+  odd = np.asarray(apply(0.5, 0, jnp.ones((64, 33))))  # odd last dim: flax's own dropout
+  assert 0.4 < (odd == 0).mean() < 0.6
+  np.testing.assert_array_equal(vit.Dropout(0.1).apply({}, x, deterministic=True), x)

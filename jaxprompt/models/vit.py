@@ -53,24 +53,48 @@ def decode_variant(variant: str) -> dict:
               patch_size=int(match.group(2)))
 
 
+class Dropout(nn.Module):
+  """Inverted dropout whose mask costs half the random numbers of `nn.Dropout`.
+
+  Flax draws one 32-bit uniform per element; here each 32-bit word of the 'dropout' RNG gives two
+  16-bit draws (drop where draw < round(rate * 2^16), so the rate is exact to 1e-5). With the
+  backbone's dropout live (SA2VP trains that way) generating masks is a visible share of a CPU
+  step. Falls back to `nn.Dropout` when the last dimension is odd.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    if x.shape[-1] % 2:
+      return nn.Dropout(self.rate)(x, deterministic=False)
+    words = jax.random.bits(self.make_rng("dropout"), (*x.shape[:-1], x.shape[-1] // 2),
+                            jnp.uint32)
+    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x.shape)
+    keep = draws >= jnp.uint16(round(self.rate * 65536))
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> GELU -> Dropout -> Dense -> Dropout."""
   mlp_dim: int
   dropout: float = 0.0
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.normal(stddev=1e-6)
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     width = x.shape[-1]
-    dense = lambda n, name: nn.Dense(
-        n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=self.kernel_init,
+                                     bias_init=self.bias_init, name=name)
     x = dense(self.mlp_dim, "Dense_0")(x)
     x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = Dropout(self.dropout)(x, deterministic=deterministic)
     x = dense(width, "Dense_1")(x)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 class _Projection(nn.Module):
@@ -126,7 +150,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, -jnp.inf)
     weights = jax.nn.softmax(logits).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0:
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+      weights = Dropout(self.dropout_rate)(weights, deterministic=False)
     out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)  # (B, Nq, D)
     out_kernel, out_bias = _Projection((heads, head_dim), (width,), name="out")()
     return (out @ out_kernel.reshape(width, width).astype(self.dtype)
@@ -153,7 +177,7 @@ class Encoder1DBlock(nn.Module):
     self.LayerNorm_0 = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
     self.MultiHeadDotProductAttention_1 = MultiHeadAttention(
         self.num_heads, self.attention_dropout, self.dtype)
-    self.attention_output_dropout = nn.Dropout(self.attention_dropout)
+    self.attention_output_dropout = Dropout(self.attention_dropout)
     self.LayerNorm_2 = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
     self.MlpBlock_3 = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)
 
@@ -191,7 +215,7 @@ class Encoder(nn.Module):
                before_block: Optional[Callable[[int, jnp.ndarray], jnp.ndarray]] = None):
     # x: (B, 1 + N, D) with the CLS token first.
     x = AddPositionEmbs(name="posembed_input")(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = Dropout(self.dropout)(x, deterministic=deterministic)
     for i in range(self.depth):
       if before_block is not None:
         x = before_block(i, x)

@@ -33,7 +33,7 @@ Deliberate choices (numerically identical to the reference while the backbone is
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -85,19 +85,23 @@ class CrossAdapter(nn.Module):
 
   `attended` is the frozen cross-attention output (computed by the caller with block i's weights).
   The bottleneck MLP is `vit.MlpBlock` (Dense -> exact GELU -> dropout -> Dense -> dropout, Xavier
-  weights, N(0, 1e-6^2) biases), exactly the reference's `Mlp_small`.
+  weights, N(0, 1e-6^2) biases by default), exactly the reference's `Mlp_small`; the Swin variant
+  passes its own initialisers.
   """
   inter_dim: int
   dropout: float = 0.1
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.normal(stddev=1e-6)
 
   @nn.compact
   def __call__(self, query, attended, *, deterministic: bool = True):
-    z = query + nn.Dropout(self.dropout)(attended, deterministic=deterministic)
+    z = query + vit.Dropout(self.dropout)(attended, deterministic=deterministic)
     z = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="ffn_norm")(z)
-    return vit.MlpBlock(self.inter_dim, self.dropout, dtype=self.dtype, name="ffn")(
-        z, deterministic=deterministic)
+    return vit.MlpBlock(self.inter_dim, self.dropout, dtype=self.dtype,
+                        kernel_init=self.kernel_init, bias_init=self.bias_init, name="ffn")(
+                            z, deterministic=deterministic)
 
 
 class Sa2vpEncoder(vit.Encoder):
@@ -114,7 +118,7 @@ class Sa2vpEncoder(vit.Encoder):
   @nn.compact
   def __call__(self, tokens, *, grid: tuple[int, int], deterministic: bool = True):
     batch, length, width = tokens.shape  # (B, 1 + N, D)
-    dropout = nn.Dropout(self.dropout)
+    dropout = vit.Dropout(self.dropout)
     add_position = vit.AddPositionEmbs(name="posembed_input")
     ppt = self.param("ppt", nn.initializers.normal(stddev=0.02), (1, length, self.inter_dim))
     deep_layers = [i for i in self.deep_prompt_layers if i < self.depth]

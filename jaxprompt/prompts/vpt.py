@@ -59,7 +59,7 @@ class Model(nn.Module):
     init = _uniform(prompt_init_bound(v["patch_size"], width))
     shallow = self.param("prompt_embeddings", init, (1, n, width))
     deep = self.param("deep_prompt_embeddings", init, (depth - 1, n, width)) if self.deep else None
-    dropout = nn.Dropout(self.prompt_dropout)
+    dropout = vit.Dropout(self.prompt_dropout)
 
     def prompts_for(i, batch):
       p = shallow[0] if i == 0 else deep[i - 1]

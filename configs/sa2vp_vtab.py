@@ -47,18 +47,37 @@ def task_group(task: str) -> str:
   raise ValueError(f"Unknown VTAB-1k task {task!r}; valid: {', '.join(NATURAL + SPECIALIZED + STRUCTURED)}.")
 
 
-def get_config(arg=None):
-  arg = common.parse_arg(arg, task="", variant="B/16", split="test", runlocal=False)
+def sa2vp_vit_config(*, augment: str = "none") -> ml_collections.ConfigDict:
+  """SA2VP ViT-B/16 with the seed's optimizer, schedule and normalisation (mean = std = 0.5).
+
+  augment: 'none' (VTAB: resize to 224) or 'fgvc' (resize 256, random crop + flip / center crop).
+  """
   config = common.base_config(model_name="prompts.sa2vp", model=dict(
-      variant=arg.variant, inter_dim=16, inter_weight=0.1, dropout=0.1))
+      variant="B/16", inter_dim=16, inter_weight=0.1, dropout=0.1))
   config.pp = ml_collections.ConfigDict(dict(
       image_size=224, mean=preprocess.INCEPTION_MEAN, std=preprocess.INCEPTION_STD,
-      train_augment="none", eval_augment="none"))
+      train_augment="fgvc_train" if augment == "fgvc" else "none",
+      eval_augment="fgvc_eval" if augment == "fgvc" else "none"))
+  config.batch_size = 64
+  config.eval_batch_size = 256
   config.num_epochs = 100
   config.optim = common.optimizer("adamw", lr=1e-3, weight_decay=1e-4,
                                   no_weight_decay=r".*/bias|.*/scale", warmup_epochs=10,
                                   min_lr=1e-7)
+  return config
 
+
+def use_embedded_demo(config) -> None:
+  """The embedded demo for every SA2VP config: generated 32 px shapes, tiny ViT, 8 epochs."""
+  common.use_embedded_demo(config)
+  config.pp.train_augment = config.pp.eval_augment = "none"
+  config.optim.lr = 1e-2
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, task="", variant="B/16", split="test", runlocal=False)
+  config = sa2vp_vit_config()
+  config.model.variant = arg.variant
   if arg.task:
     group = task_group(arg.task)
     inter_dim, inter_weight, config.batch_size = GROUP_SETTINGS[group]
@@ -70,8 +89,7 @@ def get_config(arg=None):
     config.train_split, config.eval_splits = (
         ("train800", ("val200",)) if arg.split == "val" else ("train800val200", ("test",)))
   else:
-    common.use_embedded_demo(config)
-    config.optim.lr = 1e-2
+    use_embedded_demo(config)
   if arg.runlocal:
     common.apply_runlocal(config)
   return config

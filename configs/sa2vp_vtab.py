@@ -9,6 +9,8 @@
       --config.data_dir=$TFDS_DATA_DIR --config.model_init=imagenet21k_ViT-B_16.npz \
       --workdir workdirs/sa2vp_svhn
   # `,split=val` trains on train800 and evaluates val200 (model selection).
+  # `,files` reads the SSF/NOAH VTAB-1k release the seed trains on (<data_dir>/<task>/*.txt
+  # lists and images) instead of TFDS: --config.data_dir=/data/vtab-1k.
 
 The recipe is the seed's README and scripts (tommy-xq/SA2VP): AdamW (0.9, 0.999, eps 1e-8), lr 1e-3
 (5e-4 for Pets and Clevr/Count), weight decay 1e-4 on every tensor except biases and LayerNorm
@@ -75,7 +77,8 @@ def use_embedded_demo(config) -> None:
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, task="", variant="B/16", split="test", runlocal=False)
+  arg = common.parse_arg(arg, task="", variant="B/16", split="test", files=False,
+                         runlocal=False)
   config = sa2vp_vit_config()
   config.model.variant = arg.variant
   if arg.task:
@@ -85,7 +88,7 @@ def get_config(arg=None):
         arg.task, (inter_dim, inter_weight))
     config.optim.lr = TASK_LR.get(arg.task, 1e-3)
     config.eval_batch_size = 4 * config.batch_size
-    config.dataset = f"vtab/{arg.task}"
+    config.dataset = f"{'vtab1k_files' if arg.files else 'vtab'}/{arg.task}"
     config.train_split, config.eval_splits = (
         ("train800", ("val200",)) if arg.split == "val" else ("train800val200", ("test",)))
   else:

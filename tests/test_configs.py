@@ -11,7 +11,7 @@ from configs import sa2vp_fgvc, sa2vp_hta, sa2vp_vtab
 from input_pipeline import hta, pipeline
 from jaxprompt import train
 # Fixtures and writers of the pipeline tests (tiny TFDS metadata, generated FGVC/GTSRB folders).
-from test_fgvc_hta import _write_fgvc, _write_gtsrb, hta_metadata_dir  # noqa: F401  pylint: disable=import-error
+from test_fgvc_hta import _write_fgvc, _write_gtsrb, _write_vtab_task, hta_metadata_dir  # noqa: F401  pylint: disable=import-error
 from test_input_pipeline import DERIVED, _objects_as_dataset, metadata_dir  # noqa: F401  pylint: disable=import-error
 
 FGVC_IMAGE_ROOTS = {"cub": ("CUB_200_2011", "images"), "nabirds": ("nabirds", "images"),
@@ -49,6 +49,15 @@ def test_sa2vp_vtab_config_resolves(task, metadata_dir):  # noqa: F811
   kwargs = {"as_dataset_fn": _objects_as_dataset(DERIVED[task][0])} if task in DERIVED else {}
   with tfds.testing.mock_data(num_examples=2, data_dir=metadata_dir, **kwargs):
     check(config)
+
+
+def test_sa2vp_vtab_config_on_the_ssf_file_lists(tmp_path):
+  _write_vtab_task(tmp_path / "dtd", {"train800": 4, "val200": 2, "train800val200": 6, "test": 3},
+                   num_classes=47)
+  config = sa2vp_vtab.get_config("task=dtd,files")
+  config.data_dir = str(tmp_path)
+  assert config.dataset == "vtab1k_files/dtd"
+  check(config)
 
 
 @pytest.mark.parametrize("dataset", sorted(sa2vp_fgvc.DATASET_SETTINGS))

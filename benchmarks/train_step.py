@@ -7,9 +7,10 @@
 The step timed is exactly the trainer's (`jaxprompt.train.build(config).train_step`): forward,
 backward through the frozen backbone to the prompts, optimizer update. FLOPs are XLA's count for
 the compiled step (`cost_analysis`), so work XLA removes (weight gradients of frozen params) is not
-counted. MFU divides the achieved FLOP/s by the f32 matmul peak measured here, on the same machine,
-with a large square matmul. Peak memory is the device's `peak_bytes_in_use` where the backend
-reports it (GPU/TPU) and the process's maximum resident set size otherwise (CPU).
+counted. MFU divides the achieved FLOP/s by the matmul peak measured here, on the same machine,
+with a large square matmul in the config's compute dtype. Peak memory is the device's
+`peak_bytes_in_use` where the backend reports it (GPU/TPU) and the process's maximum resident set
+size otherwise (CPU).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ flags.DEFINE_string("variant", "B/16", "Backbone variant set into config.model.v
 flags.DEFINE_integer("batch_size", 8, "Global batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input size.")
 flags.DEFINE_integer("steps", 5, "Timed steps (after one compile-and-warm-up step).")
-flags.DEFINE_integer("matmul_size", 2048, "Side of the square f32 matmul that measures the peak.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the peak.")
 FLAGS = flags.FLAGS
 
 
@@ -44,9 +45,9 @@ def best_seconds(fn, repeats: int) -> float:
   return best
 
 
-def matmul_peak_flops(n: int) -> float:
-  """Best f32 FLOP/s of an n x n @ n x n matmul on the default device."""
-  a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.float32) for i in range(2))
+def matmul_peak_flops(n: int, dtype) -> float:
+  """Best FLOP/s of an n x n @ n x n matmul in `dtype` on the default device."""
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in range(2))
   matmul = jax.jit(jnp.matmul)
   jax.block_until_ready(matmul(a, b))
   return 2 * n**3 / best_seconds(lambda: matmul(a, b), repeats=10)
@@ -90,7 +91,8 @@ def main(_):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_seconds = float(np.median(times))
-  peak = matmul_peak_flops(FLAGS.matmul_size)
+  dtype = jnp.dtype(config.compute_dtype)
+  peak = matmul_peak_flops(FLAGS.matmul_size, dtype)
   memory, memory_kind = peak_memory_bytes()
 
   achieved = flops_per_step / step_seconds
@@ -100,7 +102,7 @@ def main(_):
         f"{step_seconds:.3f} s/step (min {min(times):.3f}, max {max(times):.3f})")
   print(f"images/s: {FLAGS.batch_size / step_seconds:.3f}")
   print(f"FLOPs/step (XLA): {flops_per_step / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} GFLOP/s")
-  print(f"matmul peak ({FLAGS.matmul_size}^2 f32): {peak / 1e9:.1f} GFLOP/s; "
+  print(f"matmul peak ({FLAGS.matmul_size}^2 {dtype.name}): {peak / 1e9:.1f} GFLOP/s; "
         f"MFU: {100 * achieved / peak:.1f}%")
   print(f"peak memory ({memory_kind}): {memory / 2**30:.2f} GiB")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.embedded import ShapesSource
+from input_pipeline.embedded_clip import NamedShapesSource
 from input_pipeline.fgvc import FGVC_DATASETS, FgvcSource
 from input_pipeline.folder import FolderSource
 from input_pipeline.hta import HTA_DATASETS, make_hta_source
@@ -18,7 +19,8 @@ from input_pipeline.vtab_files import VtabFilesSource
 SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS),
                 *(f"vtab1k_files/{task}" for task in VTAB_TASKS),
                 *(f"fgvc/{dataset}" for dataset in FGVC_DATASETS),
-                *(f"hta/{dataset}" for dataset in HTA_DATASETS), "folder", "embedded/shapes")
+                *(f"hta/{dataset}" for dataset in HTA_DATASETS), "folder", "embedded/shapes",
+                "embedded/named_shapes")
 
 
 def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSource:
@@ -34,6 +36,7 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     (kwargs root=<gtsrb folder> or data_dir=<its parent>, split_seed, check_num_classes).
   folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}.
   embedded/shapes: generated in memory, no kwargs.
+  embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed).
   """
   if name.startswith("vtab/") and name in SOURCE_NAMES:
     return VtabSource(name.removeprefix("vtab/"), data_dir=data_dir, **kwargs)
@@ -50,6 +53,8 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     return FolderSource(**kwargs)
   if name == "embedded/shapes":
     return ShapesSource(**kwargs)
+  if name == "embedded/named_shapes":
+    return NamedShapesSource(**kwargs)
   raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")
 
 

@@ -6,7 +6,8 @@
     side to image_size·256/224, random crop image_size, random horizontal flip (p = 0.5).
   * augment='fgvc_eval': the same resize, then the center crop.
 
-Normalisation constants: VPT uses ImageNet mean/std; SA2VP uses the "Inception" 0.5/0.5.
+Normalisation constants: VPT uses ImageNet mean/std; SA2VP uses the "Inception" 0.5/0.5; CLIP
+and the methods on it (CoOp, RPL) use CLIP's own mean/std.
 
 Randomness is stateless and comes from the example's '_seed' (a shape-(2,) int tensor that
 `pipeline.make_train_dataset` derives from the run seed and the example's position), so the
@@ -26,6 +27,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP `clip.py` `_transform`
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 AUGMENTATIONS = ("none", "fgvc_train", "fgvc_eval")
 
 

@@ -63,10 +63,16 @@ def build_data(config) -> Data:
   return Data(source, make(pp.get("train_augment", "none")), make(pp.get("eval_augment", "none")))
 
 
-def build_model(config, num_classes: int):
+def build_model(config, num_classes: int, class_names=None):
+  """The method module and its Model; a Model with a `class_names` field (CLIP prompt methods)
+  gets the data source's names unless `config.model.class_names` sets them."""
   module = importlib.import_module(f"jaxprompt.{config.model_name}")
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  return module, module.Model(num_classes=num_classes, dtype=dtype, **config.model)
+  kwargs = dict(config.model)
+  if "class_names" in getattr(module.Model, "__dataclass_fields__", {}) and \
+      not kwargs.get("class_names") and class_names is not None:
+    kwargs["class_names"] = tuple(class_names)
+  return module, module.Model(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def trainable_subset(params, labels):
@@ -181,7 +187,7 @@ def build(config) -> Experiment:
   sharding.check_batch_size(config.batch_size, mesh)
   data = build_data(config)
   num_classes = data.source.num_classes
-  module, model = build_model(config, num_classes)
+  module, model = build_model(config, num_classes, getattr(data.source, "class_names", None))
   image_shape = (1, config.pp.image_size, config.pp.image_size, 3)
   init_fn = lambda rng: model.init(rng, jnp.zeros(image_shape, jnp.float32))["params"]
   param_shardings = sharding.tree_shardings(

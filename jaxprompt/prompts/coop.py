@@ -1,0 +1,297 @@
+"""CoOp (Zhou et al., IJCV 2022, "Learning to Prompt for Vision-Language Models", arXiv 2109.01134):
+learned context vectors in front of (or around) each class name, on a frozen CLIP.
+
+Follows KaiyangZhou/CoOp `trainers/coop.py` (`PromptLearner`, `TextEncoder`, `CustomCLIP`) as
+distilled in `shared/specs/coop_rpl_lmpt_detailed.md` §2:
+
+  * the context `prompt_learner/ctx` is the only trained tensor: (n_ctx, W) shared by all classes,
+    or (num_classes, n_ctx, W) class-specific (`csc=True`); drawn from N(0, 0.02²), or, with
+    `ctx_init` (e.g. "a photo of a"), the token embeddings of those words, n_ctx then being their
+    token count (shared context only, as in CoOp);
+  * the prompt of class c is a sequence of token embeddings
+      end:    [SOS][ctx_1..ctx_M][name_c][.][EOT][pad]
+      middle: [SOS][ctx_1..ctx_M/2][name_c][ctx_M/2+1..ctx_M][.][EOT][pad]
+      front:  [SOS][name_c][ctx_1..ctx_M][.][EOT][pad]
+    whose fixed tokens come from the CLIP token embedding (class names with '_' -> ' '); CLIP's
+    text tower runs on these embeddings and pools at the EOT position;
+  * logits = exp(logit_scale) · cos(image feature, text feature), cross-entropy loss; CLIP
+    (including the logit scale) is frozen.
+
+Prompts are built from *segments* (`build_layout`): text pieces, tokenised and frozen, and row
+ranges of named context blocks. CoOp's three layouts are one-block instances; RPL's
+[SOS][ctx1][name][ctx2][description][.][EOT] is the same machinery with two blocks
+(`PromptLearner` holds any number of blocks).
+
+Deliberate deviations:
+  * fp32 throughout (CoOp's default runs CLIP and the context in fp16); `compute_dtype` may be
+    bfloat16, the context stays fp32.
+  * With `ctx_init`, n_ctx is the init text's token count (CoOp: its word count, which equals the
+    token count whenever each word is one BPE token, the only case CoOp's slicing handles).
+  * The text tower runs on the first max(EOT)+1 positions instead of all 77: the causal mask makes
+    the EOT features identical, it is only cheaper.
+  * Only ViT image towers: the trainer spine carries the 'params' collection only, and CLIP's
+    ResNet towers need their BatchNorm statistics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprompt.models import clip, clip_tokenizer
+
+# Parameters that train; everything else (CLIP, logit scale included) is frozen.
+TRAINABLE_PARAMS = r"prompt_learner/.*"
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+CONTEXT_INIT_STD = 0.02
+
+
+@functools.lru_cache(maxsize=8)
+def get_tokenizer(vocab_path: str, context_length: int = 77) -> clip_tokenizer.Tokenizer:
+  """A cached `clip_tokenizer.Tokenizer` (loading one takes about a second)."""
+  if not vocab_path:
+    raise ValueError("CLIP prompt methods need a tokenizer vocabulary: set config.model.vocab_path "
+                     "to OpenAI's bpe_simple_vocab_16e6.txt.gz or a Hugging Face tokenizer folder.")
+  return clip_tokenizer.Tokenizer(vocab_path, context_length=context_length)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt layout: which position of which class holds a fixed token and which a learned vector.
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextBlock:
+  """A learned context tensor `prompt_learner/<name>`: (length, W), or (num_classes, length, W)
+  when class-specific; initialised from the embeddings of `init_ids` when given, else
+  N(0, 0.02²)."""
+  name: str
+  length: int
+  class_specific: bool = False
+  init_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """A prompt segment: rows [start, stop) of context block `block` (of the prompt's own class
+  when the block is class-specific)."""
+  block: str
+  start: int
+  stop: int
+
+
+Segment = Union[str, Context]  # a str is text, tokenised without SOT/EOT and frozen
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+  """Per-class prompt sequences of length L = the context length (77 for CLIP).
+
+  token_ids: (N, L) int32, SOT, the fixed tokens, EOT and 0-padding; 0 at context positions.
+  context_index: (N, L) int32, the row of the flattened context table (blocks in order, each
+    flattened row-major) at context positions, -1 elsewhere.
+  eot_index: (N,) int32, the EOT position of each prompt.
+  """
+  token_ids: np.ndarray
+  context_index: np.ndarray
+  eot_index: np.ndarray
+
+  @property
+  def length(self) -> int:
+    """Positions the text tower needs: everything up to the last EOT (causal attention)."""
+    return int(self.eot_index.max()) + 1
+
+
+def build_layout(tokenizer, prompts: Sequence[Sequence[Segment]],
+                 blocks: Sequence[ContextBlock]) -> PromptLayout:
+  """Lays out one prompt per class, [SOT] + segments + [EOT], zero-padded to the context length.
+
+  `prompts[c]` is the segment list of class c; a `Context` segment names a block of `blocks`.
+  Raises a ValueError naming the prompt when it does not fit the tokenizer's context length.
+  """
+  by_name = {block.name: block for block in blocks}
+  offsets = np.cumsum([0] + [b.length * (len(prompts) if b.class_specific else 1)
+                             for b in blocks])
+  offset = dict(zip(by_name, offsets[:-1].tolist()))
+  length = tokenizer.context_length
+  token_ids = np.zeros((len(prompts), length), np.int32)
+  context_index = np.full((len(prompts), length), -1, np.int32)
+  eot_index = np.zeros((len(prompts),), np.int32)
+  for c, segments in enumerate(prompts):
+    ids, rows = [tokenizer.sot_token_id], [-1]
+    for segment in segments:
+      if isinstance(segment, str):
+        text_ids = tokenizer.encode(segment)
+        ids += text_ids
+        rows += [-1] * len(text_ids)
+        continue
+      block = by_name.get(segment.block)
+      if block is None:
+        raise ValueError(f"Prompt {c} uses context block {segment.block!r}; blocks: "
+                         f"{list(by_name)}.")
+      if not 0 <= segment.start <= segment.stop <= block.length:
+        raise ValueError(f"Prompt {c}: rows [{segment.start}, {segment.stop}) are outside block "
+                         f"{block.name!r} of length {block.length}.")
+      first = offset[block.name] + (c * block.length if block.class_specific else 0)
+      ids += [0] * (segment.stop - segment.start)
+      rows += list(range(first + segment.start, first + segment.stop))
+    ids.append(tokenizer.eot_token_id)
+    rows.append(-1)
+    if len(ids) > length:
+      text = " ".join(s if isinstance(s, str) else f"<{s.block}[{s.start}:{s.stop}]>"
+                      for s in segments)
+      raise ValueError(f"Prompt {c} ({text!r}) is {len(ids)} tokens with SOT, context and EOT, "
+                       f"more than the context length {length}; shorten the class name or the "
+                       f"context.")
+    token_ids[c, :len(ids)] = ids
+    context_index[c, :len(rows)] = rows
+    eot_index[c] = len(ids) - 1
+  return PromptLayout(token_ids, context_index, eot_index)
+
+
+class PromptLearner(nn.Module):
+  """Owns the context blocks and writes them into the fixed token embeddings of a layout."""
+  blocks: Sequence[ContextBlock]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, token_embeddings, context_index, word_embeddings=None):
+    """token_embeddings: (N, L, W) embeddings of the layout's token ids; context_index: (N, L);
+    word_embeddings: {block name: (length, W)}, the init of blocks with `init_ids`.
+    Returns the prompt embeddings (N, L, W)."""
+    width = token_embeddings.shape[-1]
+    tables = []
+    for block in self.blocks:
+      shape = ((self.num_classes, block.length, width) if block.class_specific
+               else (block.length, width))
+      if block.init_ids:
+        init = lambda _, shape, name=block.name: jnp.broadcast_to(
+            word_embeddings[name], shape).astype(jnp.float32)
+      else:
+        init = nn.initializers.normal(CONTEXT_INIT_STD)
+      tables.append(self.param(block.name, init, shape).reshape(-1, width))
+    table = jnp.concatenate(tables).astype(token_embeddings.dtype)  # (rows, W)
+    index = jnp.asarray(context_index)
+    learned = table[jnp.maximum(index, 0)]  # (N, L, W)
+    return jnp.where(index[..., None] >= 0, learned, token_embeddings)
+
+
+# ------------------------------------------------------------------------------------------------
+# CoOp.
+
+
+def coop_segments(class_name: str, n_ctx: int, position: str) -> list[Segment]:
+  """CoOp's prompt of one class around context block 'ctx' (see the module docstring)."""
+  if position == "end":
+    return [Context("ctx", 0, n_ctx), class_name, "."]
+  if position == "middle":
+    half = n_ctx // 2
+    return [Context("ctx", 0, half), class_name, Context("ctx", half, n_ctx), "."]
+  if position == "front":
+    return [class_name, Context("ctx", 0, n_ctx), "."]
+  raise ValueError(f"class_token_position={position!r}: expected one of {CLASS_TOKEN_POSITIONS}.")
+
+
+@functools.lru_cache(maxsize=16)
+def coop_prompts(vocab_path: str, context_length: int, class_names: tuple[str, ...], n_ctx: int,
+                 ctx_init: str, csc: bool,
+                 position: str) -> tuple[PromptLayout, tuple[ContextBlock, ...]]:
+  """(layout, blocks) of CoOp's prompts for `class_names`."""
+  tokenizer = get_tokenizer(vocab_path, context_length)
+  init_ids = ()
+  if ctx_init:
+    if csc:
+      raise ValueError("ctx_init initialises a shared context; CoOp has no word init for "
+                       "class-specific contexts (csc=True). Unset one of them.")
+    init_ids = tuple(tokenizer.encode(ctx_init.replace("_", " ")))
+    if not init_ids:
+      raise ValueError(f"ctx_init={ctx_init!r} has no tokens.")
+    n_ctx = len(init_ids)
+  if n_ctx < 1:
+    raise ValueError(f"n_ctx must be >= 1; got {n_ctx}.")
+  blocks = (ContextBlock("ctx", n_ctx, class_specific=csc, init_ids=init_ids),)
+  names = [name.replace("_", " ") for name in class_names]
+  layout = build_layout(tokenizer, [coop_segments(n, n_ctx, position) for n in names], blocks)
+  return layout, blocks
+
+
+def clip_config(variant: str, dtype) -> dict:
+  """`clip.Model` fields of a ViT variant (ResNet towers are refused, see the module docstring)."""
+  config = clip.decode_variant(variant)
+  if not isinstance(config["vision_layers"], int):
+    raise NotImplementedError(
+        f"CLIP variant {variant!r} has a ResNet image tower, whose BatchNorm statistics the "
+        "trainer does not carry yet; use a ViT variant (e.g. 'ViT-B/16', 'ViT-B/32').")
+  return dict(config, dtype=dtype)
+
+
+class Model(nn.Module):
+  """CoOp on CLIP. Returns `(logits (B, num_classes), aux)`; aux holds the normalised
+  'image_features' (B, E) and 'text_features' (num_classes, E).
+
+  Param tree: `clip/...` (`clip.Model`, frozen) and `prompt_learner/ctx`.
+  """
+  num_classes: int
+  class_names: Sequence[str] = ()
+  variant: str = "ViT-B/16"
+  vocab_path: str = ""
+  n_ctx: int = 16
+  ctx_init: str = ""
+  csc: bool = False
+  class_token_position: str = "end"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(
+          f"CoOp needs one class name per class: got {len(self.class_names)} names for "
+          f"{self.num_classes} classes (the data source provides `class_names`, or set "
+          f"config.model.class_names).")
+    self.clip = clip.Model(**clip_config(self.variant, self.dtype))
+    self.layout, blocks = coop_prompts(
+        self.vocab_path, self.clip.context_length, tuple(self.class_names), self.n_ctx,
+        self.ctx_init, self.csc, self.class_token_position)
+    self.prompt_learner = PromptLearner(blocks, self.num_classes)
+
+  def prompt_embeddings(self):
+    """(num_classes, L, W) prompt token embeddings, L = `layout.length` (up to the last EOT)."""
+    layout, length = self.layout, self.layout.length
+    fixed = self.clip.embed_tokens(jnp.asarray(layout.token_ids[:, :length]))
+    words = {b.name: self.clip.embed_tokens(jnp.asarray(b.init_ids))
+             for b in self.prompt_learner.blocks if b.init_ids}
+    return self.prompt_learner(fixed, layout.context_index[:, :length], words)
+
+  def encode_prompts(self):
+    """The normalised text features of every class prompt, (num_classes, E)."""
+    return clip.normalize(self.clip.encode_text_embeddings(self.prompt_embeddings(),
+                                                           self.layout.eot_index))
+
+  def __call__(self, images, *, train: bool = False):
+    image_features = clip.normalize(self.clip.encode_image(images, train=train))
+    text_features = self.encode_prompts()
+    logits = jnp.exp(self.clip.logit_scale) * image_features @ text_features.T
+    return logits, {"image_features": image_features, "text_features": text_features}
+
+
+def load(init_params, path: str):
+  """Loads CLIP weights (see `clip.load`) into `clip/...`; the context keeps its init, except
+  that context rows initialised from words (`ctx_init`) are re-read from the loaded token
+  embedding: a row equal to row i of the initial table becomes row i of the loaded one."""
+  loaded = clip.load({"params": init_params["clip"]}, path)["params"]
+  init_table = np.asarray(init_params["clip"]["token_embedding"]["embedding"])
+  new_table = np.asarray(loaded["token_embedding"]["embedding"])
+
+  def reread_words(ctx):
+    rows = np.array(ctx).reshape(-1, ctx.shape[-1])
+    for r, row in enumerate(rows):
+      candidates = np.flatnonzero(init_table[:, 0] == row[0])
+      match = [i for i in candidates if np.array_equal(init_table[i], row)]
+      if match:
+        rows[r] = new_table[match[0]]
+    return rows.reshape(ctx.shape)
+
+  contexts = {name: reread_words(ctx) for name, ctx in init_params["prompt_learner"].items()}
+  return {**init_params, "clip": loaded, "prompt_learner": contexts}

@@ -1,9 +1,10 @@
 """Datasets by name: `get_source('vtab/cifar')`, `('folder', root=...)`, `('embedded/shapes')`.
 
-One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`, `folder.py`,
-`embedded.py`), all implementing `base.DataSource` (`file_list.py` holds the source that the
-file-list families share); `preprocess.py` holds the per-example transforms and `pipeline.py`
-the batched train/eval streams. The pipeline knows nothing about models.
+One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`,
+`multilabel_lt.py`, `folder.py`, `embedded.py`), all implementing `base.DataSource`
+(`file_list.py` holds the source that the file-list families share); `preprocess.py` holds the
+per-example transforms and `pipeline.py` the batched train/eval streams. The pipeline knows
+nothing about models.
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from input_pipeline.embedded_clip import NamedShapesSource
 from input_pipeline.fgvc import FGVC_DATASETS, FgvcSource
 from input_pipeline.folder import FolderSource
 from input_pipeline.hta import HTA_DATASETS, make_hta_source
+from input_pipeline.multilabel_lt import MULTILABEL_LT_DATASETS, MultilabelLtSource
 from input_pipeline.vtab import VTAB_TASKS, VtabSource
 from input_pipeline.vtab_files import VtabFilesSource
 
 SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS),
                 *(f"vtab1k_files/{task}" for task in VTAB_TASKS),
                 *(f"fgvc/{dataset}" for dataset in FGVC_DATASETS),
-                *(f"hta/{dataset}" for dataset in HTA_DATASETS), "folder", "embedded/shapes",
-                "embedded/named_shapes")
+                *(f"hta/{dataset}" for dataset in HTA_DATASETS),
+                *(f"multilabel/{dataset}" for dataset in MULTILABEL_LT_DATASETS), "folder",
+                "embedded/shapes", "embedded/named_shapes")
 
 
 def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSource:
@@ -34,6 +37,9 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
   hta/<dataset>: TFDS data in `data_dir` (cifar10, cifar100, dtd, food101, svhn; kwargs:
     split_seed for food101), as fgvc/<dataset> (cub, nabirds, dogs, flowers), or GTSRB folders
     (kwargs root=<gtsrb folder> or data_dir=<its parent>, split_seed, check_num_classes).
+  multilabel/<dataset>: COCO-LT / VOC-LT from the LMPT lists (coco_lt, voc_lt); kwargs
+    root=<the seed's data/coco or data/voc>, or data_dir=<its data/>; caption_chars,
+    caption_tokenizer.
   folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}.
   embedded/shapes: generated in memory, no kwargs.
   embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed).
@@ -46,6 +52,8 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     return FgvcSource(name.removeprefix("fgvc/"), data_dir=data_dir, **kwargs)
   if name.startswith("hta/") and name in SOURCE_NAMES:
     return make_hta_source(name.removeprefix("hta/"), data_dir=data_dir, **kwargs)
+  if name.startswith("multilabel/") and name in SOURCE_NAMES:
+    return MultilabelLtSource(name.removeprefix("multilabel/"), data_dir=data_dir, **kwargs)
   if name == "folder":
     if "root" not in kwargs:
       raise ValueError("Data source 'folder' needs root=... (root/<split>/<class_name>/*.jpg); "

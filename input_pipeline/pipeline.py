@@ -10,6 +10,10 @@ no example is dropped for good; every batch is full.
 Evaluation (`make_eval_dataset`): one pass, every example of the split exactly once over all
 hosts; the last batch is padded with '_mask' = False examples, and every host yields the same
 number of batches (hosts with fewer examples add whole masked batches).
+
+A batch carries 'image' and whichever of `BATCH_KEYS` the examples have: 'label' (single-label
+sources), 'labels' (multi-hot, multi-label sources), 'caption_tokens' (sources that tokenise
+captions); other example keys (file names, caption strings) stay out of the batch.
 """
 from __future__ import annotations
 
@@ -18,6 +22,16 @@ from typing import Callable
 import tensorflow as tf
 
 from input_pipeline import base
+
+
+BATCH_KEYS = {"label": tf.int32, "labels": tf.float32, "caption_tokens": tf.int32}
+
+
+def _batch_fields(example: dict) -> dict:
+  """'image' and the `BATCH_KEYS` the example has, cast to their batch dtypes."""
+  fields = {"image": example["image"]}
+  fields.update({k: tf.cast(example[k], dtype) for k, dtype in BATCH_KEYS.items() if k in example})
+  return fields
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -37,7 +51,7 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
                        *, global_batch_size: int, seed: int, start_step: int = 0,
                        process_index: int = 0, process_count: int = 1,
                        cache: bool = True) -> tf.data.Dataset:
-  """Endless batches {'image': (b, H, W, 3) f32, 'label': (b,) int32}, b = global / processes."""
+  """Endless batches {'image': (b, H, W, 3) f32, 'label': (b,) int32, ...}, b = global/processes."""
   batch = local_batch_size(global_batch_size, process_count)
   num_local = _host_counts(source, split, process_count)[process_index]
   if num_local == 0:
@@ -63,8 +77,7 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
   def prepare(example, position):
     example = dict(source.decode(example))
     example["_seed"] = tf.random.experimental.stateless_fold_in(augment_key, position)
-    example = preprocess_fn(example)
-    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+    return _batch_fields(preprocess_fn(example))
 
   stream = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -79,9 +92,7 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
   num_batches = -(-max(counts) // batch)
 
   def prepare(example):
-    example = preprocess_fn(example)
-    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32),
-            "_mask": tf.constant(True)}
+    return {**_batch_fields(preprocess_fn(example)), "_mask": tf.constant(True)}
 
   ds = source.dataset(split, process_index=process_index, process_count=process_count)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -89,8 +100,7 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
   if not image_shape.is_fully_defined():
     raise ValueError(f"Evaluation batches need a fixed image size after preprocessing; got "
                      f"{image_shape} for {source.name} split {split!r}.")
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros(image_shape, ds.element_spec["image"].dtype),
-      "label": tf.constant(0, tf.int32), "_mask": tf.constant(False)})
+  padding = tf.data.Dataset.from_tensors(  # zeros everywhere, '_mask' False
+      {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
   ds = ds.concatenate(padding.repeat(num_batches * batch - counts[process_index]))
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

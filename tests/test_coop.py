@@ -9,10 +9,11 @@ import pytest
 from flax import traverse_util
 
 from configs import coop as coop_config
-from input_pipeline import embedded_clip, pipeline
-from jaxprompt import optim, sharding, train, zeroshot
+from input_pipeline import embedded_clip
+from jaxprompt import optim, train, zeroshot
 from jaxprompt.models import clip
 from jaxprompt.prompts import coop
+from trainer_steps import run_steps  # pylint: disable=import-error
 
 NAMES = ("cat", "big_dog", "red square at the top")
 
@@ -185,17 +186,6 @@ def test_zero_shot_ensemble_equals_hand_computation(vocab, variables):
 # Through the trainer spine on the embedded named shapes.
 
 
-def run_steps(exp, steps):
-  batches = pipeline.make_train_dataset(
-      exp.data.source, exp.config.train_split, exp.data.train_pp,
-      global_batch_size=exp.config.batch_size, seed=exp.config.seed).as_numpy_iterator()
-  state, losses = exp.state, []
-  for _ in range(steps):
-    state, metrics = exp.train_step(state, sharding.global_batch(next(batches), exp.mesh))
-    losses.append(float(metrics["loss"]))
-  return state, losses
-
-
 @pytest.fixture(scope="module")
 def demo_run():
   """The demo recipe end to end (1000 steps, as `python -m jaxprompt.main --config
@@ -204,7 +194,7 @@ def demo_run():
   exp = train.build(coop_config.get_config())
   before = jax.device_get(exp.state["params"])
   start = zeroshot.evaluate(exp, ["a photo of a {}."], "test")["test/accuracy"]
-  state, losses = run_steps(exp, exp.total_steps)
+  state, losses = run_steps(exp, exp.total_steps, seed=exp.config.seed)
   accuracy = train.evaluate(exp, state["params"], "test")["test/accuracy"]
   return exp, before, state, losses, start, accuracy
 

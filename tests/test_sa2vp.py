@@ -14,10 +14,10 @@ import pytest
 from flax import traverse_util
 
 from configs import sa2vp_vtab
-from input_pipeline import pipeline
-from jaxprompt import optim, sharding, train
+from jaxprompt import optim, train
 from jaxprompt.models import common, vit
 from jaxprompt.prompts import sa2vp
+from trainer_steps import run_steps  # pylint: disable=import-error
 
 
 def per_position_local_attention(q, k, v, grid_h, grid_w):
@@ -161,11 +161,7 @@ def test_trainable_split_and_frozen_params_unchanged_after_steps():
          for p in ("ffn_norm/scale", "ffn_norm/bias", "ffn/Dense_0/kernel", "ffn/Dense_0/bias",
                    "ffn/Dense_1/kernel", "ffn/Dense_1/bias")])
   before = traverse_util.flatten_dict(jax.device_get(exp.state["params"]), sep="/")
-  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
-                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
-  state = exp.state
-  for _ in range(2):
-    state, _ = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
+  state, _ = run_steps(exp, 2)
   after = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
   for name in after:
     unchanged = np.array_equal(after[name].view(np.uint32), before[name].view(np.uint32))
@@ -175,13 +171,7 @@ def test_trainable_split_and_frozen_params_unchanged_after_steps():
 def test_loss_falls_on_the_embedded_data():
   config = sa2vp_vtab.get_config("runlocal")
   config.batch_size, config.total_steps, config.optim.lr = 32, 40, 0.03
-  exp = train.build(config)
-  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
-                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
-  state, losses = exp.state, []
-  for _ in range(config.total_steps):
-    state, metrics = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
-    losses.append(float(metrics["loss"]))
+  _, losses = run_steps(train.build(config), config.total_steps)
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 

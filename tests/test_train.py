@@ -11,7 +11,8 @@ from flax import traverse_util
 
 from configs import vpt_vtab
 from input_pipeline import pipeline
-from jaxprompt import optim, sharding, train
+from jaxprompt import optim, train
+from trainer_steps import train_batches  # pylint: disable=import-error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,18 +29,11 @@ def tiny_config(**overrides):
   return config
 
 
-def first_batches(exp, n):
-  it = pipeline.make_train_dataset(
-      exp.data.source, exp.config.train_split, exp.data.train_pp,
-      global_batch_size=exp.config.batch_size, seed=0).as_numpy_iterator()
-  return [sharding.global_batch(next(it), exp.mesh) for _ in range(n)]
-
-
 def test_frozen_params_bit_identical_and_without_optimizer_state():
   exp = train.build(tiny_config())
   before = jax.device_get(exp.state["params"])
   state = exp.state
-  for batch in first_batches(exp, 3):
+  for batch in train_batches(exp, 3):
     state, _ = exp.train_step(state, batch)
   after = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
   labels = traverse_util.flatten_dict(exp.labels, sep="/")
@@ -58,7 +52,7 @@ def test_tiny_training_lowers_the_loss(tmp_path):
   config = tiny_config(total_steps=60, batch_size=32, log_every_steps=20,
                        checkpoint_every_steps=1000, **{"optim.lr": 0.5})
   exp = train.build(config)
-  batches = first_batches(exp, 1) * 60  # fit one batch: the loss must fall clearly
+  batches = train_batches(exp, 1) * 60  # fit one batch: the loss must fall clearly
   state, losses = exp.state, []
   for batch in batches:
     state, metrics = exp.train_step(state, batch)

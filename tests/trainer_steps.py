@@ -1,0 +1,20 @@
+"""Shared by the tests that take a few real train steps through `train.build(config)`."""
+from input_pipeline import pipeline
+from jaxprompt import sharding
+
+
+def train_batches(exp, n: int, seed: int = 0) -> list:
+  """The first `n` global training batches of the experiment's own stream."""
+  it = pipeline.make_train_dataset(
+      exp.data.source, exp.config.train_split, exp.data.train_pp,
+      global_batch_size=exp.config.batch_size, seed=seed).as_numpy_iterator()
+  return [sharding.global_batch(next(it), exp.mesh) for _ in range(n)]
+
+
+def run_steps(exp, steps: int, seed: int = 0):
+  """(state after `steps` train steps from exp.state, the losses)."""
+  state, losses = exp.state, []
+  for batch in train_batches(exp, steps, seed):
+    state, metrics = exp.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses

@@ -1,8 +1,9 @@
 """Image folders: root/<split>/<class_name>/*.{jpg,jpeg,png}, torchvision ImageFolder style.
 
 The classes are the sorted sub-folder names of root/train, and that one name -> id mapping is used
-for every split. Examples are ordered by (class id, file name), so the order is fixed. Missing
-folders and empty class folders raise `DataNotFoundError` naming the path.
+for every split; they are also the source's `class_names` (what CLIP prompt methods read).
+Examples are ordered by (class id, file name), so the order is fixed. Missing folders and empty
+class folders raise `DataNotFoundError` naming the path.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class FolderSource(base.DataSource):
       raise base.DataNotFoundError(f"Data source {name!r}: {os.path.join(root, 'train')} has no "
                                    "class sub-folders.")
     self.num_classes = len(self.classes)
+    self.class_names = self.classes
     self._files = {split: self._list(split) for split in self.splits}
 
   def _list(self, split: str) -> tuple[np.ndarray, np.ndarray]:

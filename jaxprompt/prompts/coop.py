@@ -20,7 +20,8 @@ distilled in `shared/specs/coop_rpl_lmpt_detailed.md` §2:
 Prompts are built from *segments* (`build_layout`): text pieces, tokenised and frozen, and row
 ranges of named context blocks. CoOp's three layouts are one-block instances; RPL's
 [SOS][ctx1][name][ctx2][description][.][EOT] is the same machinery with two blocks
-(`PromptLearner` holds any number of blocks).
+(`PromptLearner` holds any number of blocks), and both share `PromptCLIP`, which differs per method
+only in `build_prompts` (`prompts/rpl.py`).
 
 Deliberate deviations:
   * fp32 throughout (CoOp's default runs CLIP and the context in fp16); `compute_dtype` may be
@@ -228,32 +229,31 @@ def clip_config(variant: str, dtype) -> dict:
   return dict(config, dtype=dtype)
 
 
-class Model(nn.Module):
-  """CoOp on CLIP. Returns `(logits (B, num_classes), aux)`; aux holds the normalised
-  'image_features' (B, E) and 'text_features' (num_classes, E).
+class PromptCLIP(nn.Module):
+  """CLIP with learned prompts, the part CoOp and RPL share. Returns `(logits (B, num_classes),
+  aux)`; aux holds the normalised 'image_features' (B, E) and 'text_features' (num_classes, E).
 
-  Param tree: `clip/...` (`clip.Model`, frozen) and `prompt_learner/ctx`.
+  A subclass adds its settings and `build_prompts()` -> (layout, blocks), the class prompts and
+  their context blocks. Param tree: `clip/...` (`clip.Model`, frozen) and `prompt_learner/<block>`.
   """
   num_classes: int
   class_names: Sequence[str] = ()
   variant: str = "ViT-B/16"
   vocab_path: str = ""
-  n_ctx: int = 16
-  ctx_init: str = ""
-  csc: bool = False
-  class_token_position: str = "end"
   dtype: Any = jnp.float32
+  METHOD = "PromptCLIP"  # the method's name in error messages (a class constant, not a field)
+
+  def build_prompts(self) -> tuple[PromptLayout, tuple[ContextBlock, ...]]:
+    raise NotImplementedError
 
   def setup(self):
     if len(self.class_names) != self.num_classes:
       raise ValueError(
-          f"CoOp needs one class name per class: got {len(self.class_names)} names for "
+          f"{self.METHOD} needs one class name per class: got {len(self.class_names)} names for "
           f"{self.num_classes} classes (the data source provides `class_names`, or set "
           f"config.model.class_names).")
     self.clip = clip.Model(**clip_config(self.variant, self.dtype))
-    self.layout, blocks = coop_prompts(
-        self.vocab_path, self.clip.context_length, tuple(self.class_names), self.n_ctx,
-        self.ctx_init, self.csc, self.class_token_position)
+    self.layout, blocks = self.build_prompts()
     self.prompt_learner = PromptLearner(blocks, self.num_classes)
 
   def prompt_embeddings(self):
@@ -274,6 +274,19 @@ class Model(nn.Module):
     text_features = self.encode_prompts()
     logits = jnp.exp(self.clip.logit_scale) * image_features @ text_features.T
     return logits, {"image_features": image_features, "text_features": text_features}
+
+
+class Model(PromptCLIP):
+  """CoOp on CLIP (`PromptCLIP` with one context block `prompt_learner/ctx`)."""
+  METHOD = "CoOp"
+  n_ctx: int = 16
+  ctx_init: str = ""
+  csc: bool = False
+  class_token_position: str = "end"
+
+  def build_prompts(self):
+    return coop_prompts(self.vocab_path, self.clip.context_length, tuple(self.class_names),
+                        self.n_ctx, self.ctx_init, self.csc, self.class_token_position)
 
 
 def load(init_params, path: str):

@@ -22,6 +22,9 @@ Deliberate choices:
     created before the call (a module constructed inside the hook becomes a child of the running
     stage). Methods that need more (a second map through the frozen patch-embed norm) subclass
     `Model` and compose `make_patch_embed` and `make_stage` themselves.
+  * Prompt tokens (VPT): `SwinBlock` and `PatchMerging` optionally carry `prompts` (B, P, C) that
+    join every window's attention and are averaged back over windows; `make_stage(i, stage_class)`
+    builds a `Stage` subclass with its own forward.
 """
 from __future__ import annotations
 
@@ -136,14 +139,18 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> np.
 
 
 class WindowAttention(nn.Module):
-  """Multi-head self-attention inside each window, with a learned relative position bias."""
+  """Multi-head self-attention inside each window, with a learned relative position bias.
+
+  Tokens in front of a window's w*w (VPT's prompts, the same in every window) get no position bias
+  and no shift mask: both are zero-padded for their rows and columns.
+  """
   num_heads: int
   window_size: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, windows, mask=None):
-    # windows: (B, nW, N, C) with N = window_size^2; mask: (nW, N, N) or None.
+    # windows: (B, nW, N, C) with N = [P +] window_size^2; mask: (nW, w*w, w*w) or None.
     *lead, n, channels = windows.shape
     head_dim = channels // self.num_heads
     qkv = nn.Dense(3 * channels, dtype=self.dtype, name="qkv", **_dense_init)(windows)
@@ -151,10 +158,12 @@ class WindowAttention(nn.Module):
     logits = jnp.einsum("...qhd,...khd->...hqk", q * head_dim ** -0.5, k)  # (B, nW, H, N, N)
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        ((2 * self.window_size - 1) ** 2, self.num_heads))
-    bias = table[relative_position_index(self.window_size)].transpose(2, 0, 1)  # (H, N, N)
-    logits = logits.astype(jnp.float32) + bias
+    bias = table[relative_position_index(self.window_size)].transpose(2, 0, 1)  # (H, w*w, w*w)
+    extra = n - self.window_size ** 2
+    leading = ((0, 0), (extra, 0), (extra, 0))
+    logits = logits.astype(jnp.float32) + jnp.pad(bias, leading)
     if mask is not None:
-      logits = logits + mask[:, None]
+      logits = logits + jnp.pad(mask, leading)[:, None]
     probs = nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*lead, n, channels)
     return nn.Dense(channels, dtype=self.dtype, name="proj", **_dense_init)(out)
@@ -177,6 +186,11 @@ class SwinBlock(nn.Module):
 
   Odd blocks of a stage are `shifted`: the map is rolled by -window/2 before partitioning (and
   back after), so windows straddle the previous block's window borders.
+
+  With `prompts` (B, P, C) (VPT on Swin) the block returns `(x, prompts)`: the normalised prompts
+  lead every window's attention (no position bias, no shift mask), their outputs are averaged over
+  the windows, and the residuals and MLP treat prompts and map tokens as one sequence per sample
+  (one drop-path draw for both).
   """
   num_heads: int
   window_size: int
@@ -186,44 +200,66 @@ class SwinBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool = True):
-    _, height, width, channels = x.shape
+  def __call__(self, x, *, deterministic: bool = True, prompts=None):
+    batch, height, width, channels = x.shape
     window, shift = effective_window(height, width, self.window_size)
     shift = shift if self.shifted else 0
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
     # Stochastic depth: drop the whole residual branch per sample, scale survivors by 1/(1-p).
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))
 
-    y = norm("norm1")(x)
+    norm1 = norm("norm1")
+    y = norm1(x)
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
     mask = shifted_window_mask(height, width, window, shift) if shift else None
-    y = WindowAttention(self.num_heads, window, self.dtype, name="attn")(
-        window_partition(y, window), mask)
+    windows = window_partition(y, window)  # (B, nW, w*w, C)
+    if prompts is not None:
+      num_prompts = prompts.shape[1]
+      shared = norm1(prompts)[:, None]  # (B, 1, P, C), the same in every window
+      windows = jnp.concatenate(
+          [jnp.broadcast_to(shared, (batch, windows.shape[1], num_prompts, channels)), windows],
+          axis=2)
+    y = WindowAttention(self.num_heads, window, self.dtype, name="attn")(windows, mask)
+    if prompts is not None:
+      prompt_out, y = y[:, :, :num_prompts].mean(axis=1), y[:, :, num_prompts:]
     y = window_reverse(y, window, height, width)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
+    if prompts is not None:  # one (B, 1, P + H*W, C) sequence for the residuals and the MLP
+      x = jnp.concatenate([prompts, x.reshape(batch, -1, channels)], axis=1)[:, None]
+      y = jnp.concatenate([prompt_out, y.reshape(batch, -1, channels)], axis=1)[:, None]
     x = x + drop_path(y, deterministic=deterministic)
 
     y = Mlp(int(channels * self.mlp_ratio), self.dtype, name="mlp")(norm("norm2")(x))
-    return x + drop_path(y, deterministic=deterministic)
+    x = x + drop_path(y, deterministic=deterministic)
+    if prompts is None:
+      return x
+    return x[:, 0, num_prompts:].reshape(batch, height, width, channels), x[:, 0, :num_prompts]
 
 
 class PatchMerging(nn.Module):
-  """2x2 neighbourhood -> one token: (B, H, W, C) -> (B, H/2, W/2, 2C) via LN(4C) and Linear."""
+  """2x2 neighbourhood -> one token: (B, H, W, C) -> (B, H/2, W/2, 2C) via LN(4C) and Linear.
+
+  With `prompts` (B, P, C) it returns `(x, prompts)`: each prompt is concatenated with three
+  copies of itself to 4C (VPT's prompt "upsampling") and goes through the same LN and Linear.
+  """
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, prompts=None):
     _, height, width, channels = x.shape
     if height % 2 or width % 2:
       raise ValueError(f"Patch merging needs even map sides, got {height}x{width}.")
     # The original's order: (even row, even col), (odd, even), (even, odd), (odd, odd).
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                         axis=-1)
-    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
-    return nn.Dense(2 * channels, use_bias=False, dtype=self.dtype, name="reduction",
-                    kernel_init=_dense_init["kernel_init"])(x)
+    norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")
+    reduction = nn.Dense(2 * channels, use_bias=False, dtype=self.dtype, name="reduction",
+                         kernel_init=_dense_init["kernel_init"])
+    if prompts is None:
+      return reduction(norm(x))
+    return reduction(norm(x)), reduction(norm(jnp.tile(prompts, (1, 1, 4))))
 
 
 class PatchEmbed(nn.Module):
@@ -296,15 +332,18 @@ class Model(nn.Module):
     embed_dim = decode_variant(self.variant)["embed_dim"]
     return PatchEmbed(embed_dim, self.patch_size, self.dtype, name="patch_embed")
 
-  def make_stage(self, i: int) -> Stage:
-    """Stage `i` (Microsoft's `layers.{i}`); drop-path rates rise linearly over all blocks."""
+  def make_stage(self, i: int, stage_class: Optional[type] = None) -> Stage:
+    """Stage `i` (Microsoft's `layers.{i}`); drop-path rates rise linearly over all blocks.
+
+    `stage_class`: a `Stage` subclass with the same fields (a prompt method's own forward).
+    """
     v = decode_variant(self.variant)
     depths = v["depths"]
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths))
     rates = tuple(float(r) for r in rates[sum(depths[:i]):sum(depths[:i + 1])])
-    return Stage(depths[i], v["num_heads"][i], self.window_size, rates,
-                 downsample=i < len(depths) - 1, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                 name=f"layers_{i}")
+    return (stage_class or Stage)(
+        depths[i], v["num_heads"][i], self.window_size, rates, downsample=i < len(depths) - 1,
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f"layers_{i}")
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, block_hook: Optional[BlockHook] = None):

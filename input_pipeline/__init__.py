@@ -1,7 +1,7 @@
 """Datasets by name: `get_source('vtab/cifar')`, `('folder', root=...)`, `('embedded/shapes')`.
 
 One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`,
-`multilabel_lt.py`, `folder.py`, `embedded.py`), all implementing `base.DataSource`
+`multilabel_lt.py`, `folder.py`, `embedded*.py`), all implementing `base.DataSource`
 (`file_list.py` holds the source that the file-list families share); `preprocess.py` holds the
 per-example transforms and `pipeline.py` the batched train/eval streams. The pipeline knows
 nothing about models.
@@ -11,6 +11,7 @@ from __future__ import annotations
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.embedded import ShapesSource
 from input_pipeline.embedded_clip import NamedShapesSource
+from input_pipeline.embedded_multilabel import MultilabelShapesSource
 from input_pipeline.fgvc import FGVC_DATASETS, FgvcSource
 from input_pipeline.folder import FolderSource
 from input_pipeline.hta import HTA_DATASETS, make_hta_source
@@ -23,7 +24,7 @@ SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS),
                 *(f"fgvc/{dataset}" for dataset in FGVC_DATASETS),
                 *(f"hta/{dataset}" for dataset in HTA_DATASETS),
                 *(f"multilabel/{dataset}" for dataset in MULTILABEL_LT_DATASETS), "folder",
-                "embedded/shapes", "embedded/named_shapes")
+                "embedded/shapes", "embedded/named_shapes", "embedded/multilabel_lt")
 
 
 def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSource:
@@ -43,6 +44,8 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
   folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}.
   embedded/shapes: generated in memory, no kwargs.
   embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed).
+  embedded/multilabel_lt: generated long-tailed multi-label squares with class names and
+    captions, for LMPT (kwargs: caption_chars, caption_tokenizer).
   """
   if name.startswith("vtab/") and name in SOURCE_NAMES:
     return VtabSource(name.removeprefix("vtab/"), data_dir=data_dir, **kwargs)
@@ -63,6 +66,8 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     return ShapesSource(**kwargs)
   if name == "embedded/named_shapes":
     return NamedShapesSource(**kwargs)
+  if name == "embedded/multilabel_lt":
+    return MultilabelShapesSource(**kwargs)
   raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")
 
 

@@ -5,6 +5,9 @@
   * augment='fgvc_train' (VPT `transforms.py`, SA2VP `build_transform_fgvc`): resize the shorter
     side to image_size·256/224, random crop image_size, random horizontal flip (p = 0.5).
   * augment='fgvc_eval': the same resize, then the center crop.
+  * augment='resize_flip' (LMPT `imagelist.py` train transform): resize to exactly
+    (image_size, image_size), no crop, then a random horizontal flip (p = 0.5); its eval transform
+    is 'none'.
 
 Normalisation constants: VPT uses ImageNet mean/std; SA2VP uses the "Inception" 0.5/0.5; CLIP
 and the methods on it (CoOp, RPL) use CLIP's own mean/std.
@@ -14,8 +17,9 @@ Randomness is stateless and comes from the example's '_seed' (a shape-(2,) int t
 augmented batches are the same on every run and after a resume.
 
 Deviation: `antialias` defaults to False for 'none' (VPT's `tf.image.resize`) and True for the
-FGVC modes (torchvision resizes PIL images with an antialiasing filter). SA2VP's VTAB transform
-also resizes with PIL; pass antialias=True to follow it more closely.
+other modes (torchvision resizes PIL images with an antialiasing filter). SA2VP's VTAB transform
+and LMPT's eval transform also resize with PIL; pass antialias=True (`config.pp.antialias`) to
+follow them more closely.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP `clip.py` `_transform`
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-AUGMENTATIONS = ("none", "fgvc_train", "fgvc_eval")
+AUGMENTATIONS = ("none", "resize_flip", "fgvc_train", "fgvc_eval")
 
 
 def resize_shorter_side(image: tf.Tensor, size: int, antialias: bool) -> tf.Tensor:
@@ -52,7 +56,8 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def make_preprocess_fn(*, image_size: int, mean, std, augment: str = "none",
                        antialias: bool | None = None) -> Callable[[dict], dict]:
-  """{'image': uint8 (H, W, 3), 'label', ...} -> the same dict, 'image' float32 (S, S, 3)."""
+  """{'image': uint8 (H, W, 3), ...} -> the same dict, 'image' float32 (S, S, 3); an int 'label'
+  becomes int32, other keys (multi-hot 'labels', 'caption_tokens', ...) pass through."""
   if augment not in AUGMENTATIONS:
     raise ValueError(f"Unknown augment {augment!r}; valid: {', '.join(AUGMENTATIONS)}.")
   if len(mean) != 3 or len(std) != 3:
@@ -65,8 +70,13 @@ def make_preprocess_fn(*, image_size: int, mean, std, augment: str = "none",
     example = dict(example)
     seed = example.pop("_seed", None)
     image = example["image"]
-    if augment == "none":
+    if augment in ("none", "resize_flip"):
       image = tf.image.resize(image, (image_size, image_size), "bilinear", antialias=antialias)
+      if augment == "resize_flip":
+        if seed is None:
+          raise ValueError("augment='resize_flip' needs the example's '_seed' (added by "
+                           "pipeline.make_train_dataset); use 'none' for evaluation.")
+        image = tf.image.stateless_random_flip_left_right(image, seed)
     else:
       image = resize_shorter_side(image, resize_to, antialias)
       if augment == "fgvc_eval":
@@ -80,7 +90,8 @@ def make_preprocess_fn(*, image_size: int, mean, std, augment: str = "none",
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image = tf.cast(image, tf.float32) / 255.0
     example["image"] = (image - mean) / std
-    example["label"] = tf.cast(example["label"], tf.int32)
+    if "label" in example:
+      example["label"] = tf.cast(example["label"], tf.int32)
     return example
 
   return preprocess

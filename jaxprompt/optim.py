@@ -8,6 +8,7 @@ momentum can move them. A zero learning rate would not do that.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,10 @@ import optax
 from flax import traverse_util
 
 TRAIN, FROZEN = "train", "frozen"
+# optim.plateau: torch's ReduceLROnPlateau (its defaults; threshold_mode 'rel', no cooldown) on an
+# evaluation metric ('' = off).
+PLATEAU_DEFAULTS = dict(metric="", mode="max", factor=0.1, patience=10, min_lr=0.0,
+                        threshold=1e-4)
 
 
 def param_labels(params, trainable_regex: str):
@@ -39,11 +44,91 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
       decay_steps=total_steps, end_value=min_lr)
 
 
+class PlateauState(NamedTuple):
+  """The plateau rule's state, inside the optimizer state so that checkpoints carry it."""
+  lr_factor: jnp.ndarray          # f32 (): multiplies every update (the lr is schedule · factor)
+  plateau_best: jnp.ndarray       # f32 (): the best metric so far (∓inf before the first)
+  plateau_bad_evals: jnp.ndarray  # int32 (): evaluations since the last improvement
+
+
+def scale_by_plateau(mode: str = "max") -> optax.GradientTransformation:
+  """Multiplies the updates by `lr_factor`, which `plateau_step` lowers between steps.
+
+  Last in the chain, this is exactly a change of the learning rate for SGD (momentum included:
+  the momentum buffer does not depend on the lr) and for AdamW (decoupled decay is lr-scaled too).
+  """
+  if mode not in ("max", "min"):
+    raise ValueError(f"optim.plateau.mode={mode!r}: expected 'max' or 'min'.")
+
+  def init(params):
+    del params
+    return PlateauState(jnp.ones((), jnp.float32),
+                        jnp.full((), -jnp.inf if mode == "max" else jnp.inf, jnp.float32),
+                        jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: u * state.lr_factor.astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def plateau_settings(optim):
+  """optim.plateau with defaults, or None when no plateau metric is set."""
+  given = dict(optim.get("plateau") or {})
+  unknown = set(given) - set(PLATEAU_DEFAULTS)
+  if unknown:
+    raise ValueError(f"Unknown optim.plateau settings {sorted(unknown)}; valid: "
+                     f"{sorted(PLATEAU_DEFAULTS)}.")
+  settings = {**PLATEAU_DEFAULTS, **given}
+  return settings if settings["metric"] else None
+
+
+def lr_factor(opt_state) -> float:
+  """The plateau factor in `opt_state` (1.0 without a plateau rule)."""
+  factor = optax.tree_utils.tree_get(opt_state, "lr_factor")
+  return 1.0 if factor is None else float(factor)
+
+
+def plateau_step(opt_state, metrics: dict, optim):
+  """One `ReduceLROnPlateau.step(metrics[plateau.metric])` on the state inside `opt_state`.
+
+  As torch (defaults too): the metric improves when it beats best · (1 ± threshold); after more
+  than `patience` evaluations without improvement the lr is multiplied by `factor`, not below
+  `min_lr` (here lr = optim.lr · factor, so min_lr acts relative to optim.lr), and the count
+  restarts. Returns the new opt_state (its leaves keep their shardings).
+  """
+  plateau = plateau_settings(optim)
+  if plateau["metric"] not in metrics:
+    raise ValueError(f"optim.plateau.metric={plateau['metric']!r} is not among the evaluation "
+                     f"metrics {sorted(metrics)}.")
+  value = float(metrics[plateau["metric"]])
+  old = {k: optax.tree_utils.tree_get(opt_state, k) for k in PlateauState._fields}
+  factor, best, bad = (float(old["lr_factor"]), float(old["plateau_best"]),
+                       int(old["plateau_bad_evals"]))
+  if plateau["mode"] == "max":  # torch's rule as written (also for a negative best)
+    better = value > best * (1 + plateau["threshold"])
+  else:
+    better = value < best * (1 - plateau["threshold"])
+  best, bad = (value, 0) if better else (best, bad + 1)
+  if bad > plateau["patience"]:
+    reduced = max(factor * plateau["factor"], plateau["min_lr"] / optim.lr)
+    if (factor - reduced) * optim.lr > 1e-8:  # torch's eps
+      factor = reduced
+    bad = 0
+  new = {"lr_factor": np.float32(factor), "plateau_best": np.float32(best),
+         "plateau_bad_evals": np.int32(bad)}
+  return optax.tree_utils.tree_set(
+      opt_state, **{k: jax.device_put(v, old[k].sharding) for k, v in new.items()})
+
+
 def make_optimizer(optim, params, labels, *, total_steps: int, warmup_steps: int):
   """Builds the optax transform for `optim` (a ConfigDict, see configs) and its lr schedule.
 
   `total_steps` counts train-step calls; with `grad_accum_steps=k` the optimizer (and its
-  schedule) advances once every k calls, on the mean of the k gradients.
+  schedule) advances once every k calls, on the mean of the k gradients. With `optim.plateau`
+  (see `plateau_step`) the lr is the schedule times a factor that the train loop lowers when an
+  evaluation metric stops improving.
   """
   accum = int(optim.get("grad_accum_steps", 1))
   updates = total_steps // accum
@@ -68,6 +153,9 @@ def make_optimizer(optim, params, labels, *, total_steps: int, warmup_steps: int
                              mask=decay_mask))
   else:
     raise ValueError(f"optim.name={optim.name!r}: expected 'sgd' or 'adamw'.")
+  plateau = plateau_settings(optim)
+  if plateau:
+    parts.append(scale_by_plateau(plateau["mode"]))
   train_tx = optax.chain(*parts)
   if accum > 1:
     train_tx = optax.MultiSteps(train_tx, every_k_schedule=accum)

@@ -11,6 +11,21 @@ plugs in as a module `jaxprompt.<config.model_name>` that exports
   * `load(init_params, path)`: pretrained backbone weights merged into `init_params`;
   * optionally `training_loss(logits, aux, labels, num_classes, label_smoothing)`: per-example
     losses (default: cross-entropy on `logits`); accuracy always uses `logits`.
+
+Methods whose loss or metrics need more than `batch['label']` (multi-label LMPT) may also export
+
+  * `MODEL_INPUTS`: batch keys besides 'image' passed to the model as keyword arguments when the
+    batch has them (LMPT: 'caption_tokens', which only training batches carry);
+  * `source_kwargs(config) -> dict`: extra keyword arguments of the data source (LMPT: the
+    caption tokenizer, which a config cannot hold);
+  * `make_loss(config, source) -> loss(logits, aux, batch)`: per-example losses or a scalar on the
+    whole batch; replaces `training_loss`;
+  * `make_metrics(config, source) -> metrics(logits, labels) -> dict`: metrics of a whole eval
+    split from its logits (N, C) and labels (N, ...) ('labels' when the batches carry them, else
+    'label'), on the host; they replace accuracy and loss as '{split}/{name}'.
+
+Training batches without 'label' log no accuracy. `optim.plateau` (optim.py) lowers the lr when an
+evaluation metric stops improving (evaluations every `eval_every_steps`, or `eval_every_epochs`).
 """
 from __future__ import annotations
 
@@ -54,19 +69,26 @@ def check_workdir(workdir: str) -> None:
                           f"--workdir with a folder you can write to.") from e
 
 
-def build_data(config) -> Data:
+def build_data(config, source_kwargs: dict | None = None) -> Data:
+  """The data source (`config.dataset_kwargs` plus `source_kwargs`) and its preprocessing."""
   source = input_pipeline.get_source(config.dataset, data_dir=config.get("data_dir") or None,
-                                     **config.get("dataset_kwargs", {}))
+                                     **config.get("dataset_kwargs", {}), **(source_kwargs or {}))
   pp = config.pp
   make = lambda augment: preprocess.make_preprocess_fn(
-      image_size=pp.image_size, mean=tuple(pp.mean), std=tuple(pp.std), augment=augment)
+      image_size=pp.image_size, mean=tuple(pp.mean), std=tuple(pp.std), augment=augment,
+      antialias=pp.get("antialias"))
   return Data(source, make(pp.get("train_augment", "none")), make(pp.get("eval_augment", "none")))
+
+
+def method_module(config):
+  """The method's module, `jaxprompt.<config.model_name>`."""
+  return importlib.import_module(f"jaxprompt.{config.model_name}")
 
 
 def build_model(config, num_classes: int, class_names=None):
   """The method module and its Model; a Model with a `class_names` field (CLIP prompt methods)
   gets the data source's names unless `config.model.class_names` sets them."""
-  module = importlib.import_module(f"jaxprompt.{config.model_name}")
+  module = method_module(config)
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
   kwargs = dict(config.model)
   if "class_names" in getattr(module.Model, "__dataclass_fields__", {}) and \
@@ -92,9 +114,17 @@ def default_loss(logits, aux, labels, num_classes: int, label_smoothing: float =
   return optim.cross_entropy(logits, labels, num_classes, label_smoothing)
 
 
+def model_inputs(batch, keys) -> dict:
+  """The `MODEL_INPUTS` keyword arguments that `batch` has."""
+  return {k: batch[k] for k in keys if k in batch}
+
+
 def make_train_step(model, tx, labels, *, loss_fn, num_classes: int, label_smoothing: float,
-                    seed: int):
-  """(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}."""
+                    seed: int, batch_loss=None, input_keys=()):
+  """(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}.
+
+  The loss is `batch_loss(logits, aux, batch)` when given, else `loss_fn` on batch['label'].
+  """
   base_rng = jax.random.PRNGKey(seed)
 
   def train_step(state, batch):
@@ -102,29 +132,40 @@ def make_train_step(model, tx, labels, *, loss_fn, num_classes: int, label_smoot
 
     def mean_loss(params):
       logits, aux = model.apply({"params": params}, batch["image"], train=True,
-                                rngs={"dropout": rng})
-      loss = loss_fn(logits, aux, batch["label"], num_classes, label_smoothing).mean()
+                                rngs={"dropout": rng}, **model_inputs(batch, input_keys))
+      if batch_loss is not None:
+        loss = jnp.mean(batch_loss(logits, aux, batch))
+      else:
+        loss = loss_fn(logits, aux, batch["label"], num_classes, label_smoothing).mean()
       return loss, logits
 
     (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optim.apply_updates(state["params"], updates, labels)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     # 1.0 while the loss and every trained param are finite; the loop stops on 0.
     finite = jnp.isfinite(loss)
     for leaf in jax.tree.leaves(trainable_subset(params, labels)):
       finite &= jnp.all(jnp.isfinite(leaf))
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite.astype(jnp.float32)}
+    metrics = {"loss": loss, "finite": finite.astype(jnp.float32)}
+    if "label" in batch:
+      metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model, *, loss_fn, num_classes: int):
-  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
+def make_eval_step(model, *, loss_fn, num_classes: int, keep_logits: bool = False,
+                   input_keys=()):
+  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples; with
+  `keep_logits` -> the batch's 'logits', labels ('labels', else 'label') and '_mask' instead."""
 
   def eval_step(params, batch):
-    logits, aux = model.apply({"params": params}, batch["image"], train=False)
+    logits, aux = model.apply({"params": params}, batch["image"], train=False,
+                              **model_inputs(batch, input_keys))
+    if keep_logits:
+      return {"logits": logits, "labels": batch["labels" if "labels" in batch else "label"],
+              "_mask": batch["_mask"]}
     mask = batch["_mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     loss = loss_fn(logits, aux, batch["label"], num_classes)
@@ -135,11 +176,20 @@ def make_eval_step(model, *, loss_fn, num_classes: int):
 
 
 def evaluate(exp: "Experiment", params, split: str) -> dict:
-  """Accuracy and loss over every example of `split` (padding masked out)."""
+  """Accuracy and loss over every example of `split` (padding masked out), or the method's
+  `make_metrics` on the logits of every example."""
   dataset = pipeline.make_eval_dataset(
       exp.data.source, split, exp.data.eval_pp,
       global_batch_size=exp.config.get("eval_batch_size") or exp.config.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if exp.metrics_fn is not None:
+    outputs = [jax.device_get(exp.eval_step(params, sharding.global_batch(local, exp.mesh)))
+               for local in dataset.as_numpy_iterator()]
+    keep = np.concatenate([o["_mask"] for o in outputs]).astype(bool)
+    logits = np.concatenate([o["logits"] for o in outputs])[keep]
+    labels = np.concatenate([o["labels"] for o in outputs])[keep]
+    metrics = {f"{split}/{k}": v for k, v in exp.metrics_fn(logits, labels).items()}
+    return {**metrics, f"{split}/examples": int(keep.sum())}
   totals = None
   for local in dataset.as_numpy_iterator():
     sums = exp.eval_step(params, sharding.global_batch(local, exp.mesh))
@@ -173,7 +223,9 @@ class Experiment:
   state_shardings: dict
   total_steps: int
   train_step: object  # jitted (state, batch) -> (state, metrics); donates state
-  eval_step: object  # jitted (params, batch) -> sums
+  eval_step: object  # jitted (params, batch) -> sums (or logits, with metrics_fn)
+  metrics_fn: object = None  # the method's `make_metrics(config, source)`, or None
+  eval_every_steps: int = 0  # periodic evaluations during training (0: only at the end)
 
   def checkpointed(self, state) -> dict:
     """The part of `state` a checkpoint holds: trainable params, optimizer state, step."""
@@ -185,7 +237,8 @@ def build(config) -> Experiment:
   """Mesh -> data -> model -> init or load -> optimizer -> sharded state -> jitted steps."""
   mesh = sharding.make_mesh(config.mesh.num_devices, config.mesh.model)
   sharding.check_batch_size(config.batch_size, mesh)
-  data = build_data(config)
+  module = method_module(config)
+  data = build_data(config, getattr(module, "source_kwargs", lambda _: {})(config))
   num_classes = data.source.num_classes
   module, model = build_model(config, num_classes, getattr(data.source, "class_names", None))
   image_shape = (1, config.pp.image_size, config.pp.image_size, 3)
@@ -199,8 +252,13 @@ def build(config) -> Experiment:
     params = jax.device_put(module.load(host_params, config.model_init), param_shardings)
 
   labels = optim.param_labels(params, config.get("trainable_params") or module.TRAINABLE_PARAMS)
-  total_steps, warmup_steps = schedule_lengths(
-      config, data.source.num_examples(config.train_split))
+  num_train = data.source.num_examples(config.train_split)
+  total_steps, warmup_steps = schedule_lengths(config, num_train)
+  eval_every = config.get("eval_every_steps") or int(round(
+      config.get("eval_every_epochs", 0) * max(1, num_train // config.batch_size)))
+  if optim.plateau_settings(config.optim) and not eval_every:
+    raise ValueError("optim.plateau steps on evaluation metrics: set eval_every_steps or "
+                     "eval_every_epochs.")
   tx, schedule = optim.make_optimizer(config.optim, params, labels, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
   opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh,
@@ -210,16 +268,22 @@ def build(config) -> Experiment:
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": sharding.replicated(mesh)}
   loss_fn = getattr(module, "training_loss", default_loss)
+  batch_loss = module.make_loss(config, data.source) if hasattr(module, "make_loss") else None
+  metrics_fn = module.make_metrics(config, data.source) if hasattr(module, "make_metrics") \
+      else None
+  input_keys = tuple(getattr(module, "MODEL_INPUTS", ()))
   train_step = jax.jit(
       make_train_step(model, tx, labels, loss_fn=loss_fn, num_classes=num_classes,
-                      label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed),
+                      label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed,
+                      batch_loss=batch_loss, input_keys=input_keys),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, loss_fn=loss_fn, num_classes=num_classes),
+  eval_step = jax.jit(make_eval_step(model, loss_fn=loss_fn, num_classes=num_classes,
+                                     keep_logits=metrics_fn is not None, input_keys=input_keys),
                       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
   return Experiment(config, mesh, data, module, model, labels, schedule, state, state_shardings,
-                    total_steps, train_step, eval_step)
+                    total_steps, train_step, eval_step, metrics_fn, eval_every)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -256,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.write_scalars(final["step"], {k: v for k, v in final.items() if k != "step"})
   writer.flush()
   for key in sorted(final):
-    if key.endswith("/accuracy"):
+    if key.endswith(("/accuracy", "mAP")):
       log(f"{key}: {final[key]:.4f}")
   if jax.process_index() == 0:
     writers.write_json_atomic(os.path.join(workdir, "metrics.json"), final)
@@ -287,10 +351,14 @@ def _train_loop(exp: Experiment, state, start_step: int, ckpt, writer, run_evals
             f"{stacked['loss'].tolist()}); stopped. The last good checkpoint (step "
             f"{ckpt.latest_step()}) is kept in {ckpt.directory}.")
       means = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()}
-      means["train/lr"] = float(exp.schedule((step - 1) // accum))
+      means["train/lr"] = float(exp.schedule((step - 1) // accum)) * optim.lr_factor(
+          state["opt_state"])
       writer.write_scalars(step, means)
       log(progress.line(step, means))
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
-      writer.write_scalars(step, run_evals(state["params"]))
+    if exp.eval_every_steps and step % exp.eval_every_steps == 0 and not last:
+      evals = run_evals(state["params"])
+      writer.write_scalars(step, evals)
+      if optim.plateau_settings(config.optim):
+        state = {**state, "opt_state": optim.plateau_step(state["opt_state"], evals, config.optim)}
     ckpt.save(step, exp.checkpointed(state), force=last)
   return state, means

@@ -71,7 +71,8 @@ def logits(clip_model: clip.Model, clip_params, images, classifier) -> jnp.ndarr
 def evaluate(exp, templates: Sequence[str], split: str) -> dict:
   """Zero-shot '{split}/accuracy' and '/loss' of the CLIP inside `exp` (a `train.Experiment` of a
   CLIP prompt method: its model has `variant`, `vocab_path`, `class_names` and `clip/` params),
-  through the trainer's own evaluation loop."""
+  through the trainer's own evaluation loop; the method's own metrics when it has `make_metrics`
+  (LMPT: mAP and the rest)."""
   model = exp.model
   clip_model = clip.Model(**coop.clip_config(model.variant, model.dtype))
   tokenizer = coop.get_tokenizer(model.vocab_path, clip_model.context_length)
@@ -81,7 +82,8 @@ def evaluate(exp, templates: Sequence[str], split: str) -> dict:
   zero_shot = types.SimpleNamespace(apply=lambda variables, images, train: (
       logits(clip_model, variables["params"]["clip"], images, classifier), {}))
   eval_step = jax.jit(train.make_eval_step(zero_shot, loss_fn=train.default_loss,
-                                           num_classes=len(model.class_names)))
+                                           num_classes=len(model.class_names),
+                                           keep_logits=exp.metrics_fn is not None))
   return train.evaluate(dataclasses.replace(exp, eval_step=eval_step), exp.state["params"], split)
 
 
@@ -111,7 +113,8 @@ def main(argv):
     train.log(f"CLIP weights: random init (seed {config.seed}), no config.model_init")
   for split in config.eval_splits:
     metrics = evaluate(exp, templates, split)
-    train.log(f"zero-shot {split}/accuracy: {metrics[f'{split}/accuracy']:.4f} "
+    name = "mAP" if f"{split}/mAP" in metrics else "accuracy"
+    train.log(f"zero-shot {split}/{name}: {metrics[f'{split}/{name}']:.4f} "
               f"({metrics[f'{split}/examples']} examples, {len(templates)} template(s))")
 
 

@@ -87,3 +87,26 @@ def apply_runlocal(config) -> None:
   config.optim.warmup_epochs = 0
   config.optim.warmup_steps = 1
   config.log_every_steps = 2
+
+
+def coop_recipe(config) -> None:
+  """CoOp's training recipe, which RPL and the CLIP demos share: CLIP mean/std at 224 px with
+  resize-crop-flip, SGD lr 0.002 (momentum 0.9, wd 5e-4) after one warmup epoch from 1e-5,
+  batch 32 (evaluation 100)."""
+  from input_pipeline import preprocess  # pylint: disable=g-import-not-at-top
+  config.pp = ml_collections.ConfigDict(dict(
+      image_size=224, mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD,
+      train_augment="fgvc_train", eval_augment="fgvc_eval"))
+  config.optim = optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9, warmup_epochs=1)
+  config.optim.warmup_init = 1e-5
+  config.batch_size, config.eval_batch_size = 32, 100
+
+
+def use_tiny_clip(config, *, variant: str, paper_variant: str) -> None:
+  """The CLIP demos: a tiny random CLIP ('ViT-mu/8' unless another variant was asked for), the
+  byte-level vocabulary the project writes itself, 32 px generated images."""
+  from input_pipeline import embedded_clip  # pylint: disable=g-import-not-at-top
+  config.model.variant = "ViT-mu/8" if variant == paper_variant else variant
+  config.model.vocab_path = embedded_clip.byte_vocabulary()
+  config.pp.image_size = 32
+  config.eval_batch_size = 250

@@ -36,7 +36,7 @@ init=a_photo_of_a 0.444, csc 0.450, position=middle 0.452.
 import ml_collections
 
 from configs import common
-from input_pipeline import embedded_clip, preprocess
+from input_pipeline import embedded_clip
 
 # CoOp's epochs per shot count (COOP.md); ImageNet uses 50 for every shot count.
 EPOCHS_PER_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -49,13 +49,7 @@ def get_config(arg=None):
       variant=arg.variant, vocab_path="", n_ctx=arg.n_ctx, ctx_init=arg.init.replace("_", " "),
       csc=arg.csc, class_token_position=arg.position))
   config.seed = arg.seed
-  config.pp = ml_collections.ConfigDict(dict(
-      image_size=224, mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD,
-      train_augment="fgvc_train", eval_augment="fgvc_eval"))
-  config.optim = common.optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9,
-                                  warmup_epochs=1)
-  config.optim.warmup_init = 1e-5
-  config.batch_size, config.eval_batch_size = 32, 100
+  common.coop_recipe(config)
   config.num_epochs = 50 if arg.imagenet else EPOCHS_PER_SHOTS.get(arg.shots, 200)
   config.dataset_kwargs = ml_collections.ConfigDict(
       dict(shots=arg.shots, seed=arg.seed) if arg.shots else {})
@@ -66,11 +60,8 @@ def get_config(arg=None):
     config.dataset = arg.dataset
   else:
     config.dataset = embedded_clip.NAME
-    config.model.variant = "ViT-mu/8" if arg.variant == "ViT-B/16" else arg.variant
-    config.model.vocab_path = embedded_clip.byte_vocabulary()
-    config.pp.image_size = 32
+    common.use_tiny_clip(config, variant=arg.variant, paper_variant="ViT-B/16")
     config.pp.train_augment = config.pp.eval_augment = "none"
-    config.eval_batch_size = 250
   if arg.runlocal:
     common.apply_runlocal(config)
   return config

@@ -54,7 +54,7 @@ labels of ten per test image). Measured (seed 0, test split of 500, 2 CPU cores)
 import ml_collections
 
 from configs import common
-from input_pipeline import embedded_clip, embedded_multilabel, preprocess
+from input_pipeline import embedded_multilabel, preprocess
 
 BASELINES = ("", "coop", "finetune")
 
@@ -106,10 +106,7 @@ def lmpt_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
     config.data_dir = arg.data
   else:
     config.dataset = embedded_multilabel.NAME
-    config.model.variant = "ViT-mu/8" if arg.variant == "ViT-B/16" else arg.variant
-    config.model.vocab_path = embedded_clip.byte_vocabulary()
-    config.pp.image_size = 32
-    config.eval_batch_size = 250
+    common.use_tiny_clip(config, variant=arg.variant, paper_variant="ViT-B/16")
   if arg.runlocal:
     common.apply_runlocal(config)
     config.eval_every_epochs = 0

@@ -43,7 +43,7 @@ import os
 import ml_collections
 
 from configs import common
-from input_pipeline import embedded_clip, object_crops, preprocess
+from input_pipeline import object_crops
 
 
 def get_config(arg=None):
@@ -61,20 +61,13 @@ def get_config(arg=None):
   config.dataset = "folder"
   config.dataset_kwargs = ml_collections.ConfigDict(dict(root=data))
   config.train_split, config.eval_splits = "train", ("val",)
-  config.pp = ml_collections.ConfigDict(dict(
-      image_size=224, mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD,
-      train_augment="fgvc_train", eval_augment="fgvc_eval"))
-  config.optim = common.optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9,
-                                  warmup_epochs=1)
-  config.optim.warmup_init = 1e-5
-  config.batch_size, config.eval_batch_size = 32, 100
+  common.coop_recipe(config)
   config.num_epochs = 6
   config.log_every_steps = 50
 
   if demo:
-    config.model.variant = "ViT-mu/8" if arg.variant == "ViT-B/32" else arg.variant
-    config.model.vocab_path = embedded_clip.byte_vocabulary()
-    config.pp.image_size = 32
+    common.use_tiny_clip(config, variant=arg.variant, paper_variant="ViT-B/32")
+    config.eval_batch_size = 100
     config.pp.train_augment = config.pp.eval_augment = "none"
     config.num_epochs = 300  # 600 steps: the random CLIP needs many to show learning
     config.log_every_steps = 100

@@ -91,14 +91,15 @@ def apply_runlocal(config) -> None:
 
 def coop_recipe(config) -> None:
   """CoOp's training recipe, which RPL and the CLIP demos share: CLIP mean/std at 224 px with
-  resize-crop-flip, SGD lr 0.002 (momentum 0.9, wd 5e-4) after one warmup epoch from 1e-5,
-  batch 32 (evaluation 100)."""
+  resize-crop-flip, SGD lr 0.002 (momentum 0.9, wd 5e-4) after one warmup epoch held at 1e-5,
+  then cosine; batch 32 (evaluation 100)."""
   from input_pipeline import preprocess  # pylint: disable=g-import-not-at-top
   config.pp = ml_collections.ConfigDict(dict(
       image_size=224, mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD,
       train_augment="fgvc_train", eval_augment="fgvc_eval"))
   config.optim = optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9, warmup_epochs=1)
   config.optim.warmup_init = 1e-5
+  config.optim.warmup_type = "constant"
   config.batch_size, config.eval_batch_size = 32, 100
 
 

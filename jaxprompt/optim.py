@@ -35,13 +35,24 @@ def param_labels(params, trainable_regex: str):
 
 
 def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
-                  warmup_init: float = 0.0):
-  """Linear warmup from `warmup_init` to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+                  warmup_init: float = 0.0, warmup_type: str = "linear"):
+  """Warmup over `warmup_steps`, then cosine decay from `lr` to `min_lr` at `total_steps`.
+
+  warmup_type 'linear' ramps from `warmup_init` to `lr` (VPT, SA2VP); 'constant' holds
+  `warmup_init` (CoOp's ConstantWarmupScheduler: 1e-5 for the first epoch) and then starts the
+  cosine at `lr`.
+  """
   if warmup_steps >= total_steps:
     raise ValueError(f"warmup_steps={warmup_steps} must be below total_steps={total_steps}.")
-  return optax.warmup_cosine_decay_schedule(
-      init_value=warmup_init, peak_value=lr, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=min_lr)
+  if warmup_type == "linear":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=warmup_init, peak_value=lr, warmup_steps=warmup_steps,
+        decay_steps=total_steps, end_value=min_lr)
+  if warmup_type == "constant":
+    cosine = optax.cosine_decay_schedule(lr, total_steps - warmup_steps,
+                                         alpha=min_lr / lr if lr else 0.0)
+    return optax.join_schedules([optax.constant_schedule(warmup_init), cosine], [warmup_steps])
+  raise ValueError(f"optim.warmup_type={warmup_type!r}: expected 'linear' or 'constant'.")
 
 
 class PlateauState(NamedTuple):
@@ -135,7 +146,8 @@ def make_optimizer(optim, params, labels, *, total_steps: int, warmup_steps: int
   schedule = make_schedule(lr=optim.lr, total_steps=updates,
                            warmup_steps=warmup_steps // accum,
                            min_lr=optim.get("min_lr", 0.0),
-                           warmup_init=optim.get("warmup_init", 0.0))
+                           warmup_init=optim.get("warmup_init", 0.0),
+                           warmup_type=optim.get("warmup_type", "linear"))
   no_decay = re.compile(optim.get("no_weight_decay", "") or "(?!)")
   flat = traverse_util.flatten_dict(params, sep="/")
   decay_mask = traverse_util.unflatten_dict(

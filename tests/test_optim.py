@@ -46,6 +46,18 @@ def test_warmup_cosine_schedule_values():
     optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=10)
 
 
+def test_constant_warmup_holds_then_cosine_from_the_peak():
+  """CoOp's ConstantWarmupScheduler: warmup_init during warmup, then cosine starting at lr."""
+  schedule = optim.make_schedule(lr=2e-3, total_steps=110, warmup_steps=10, min_lr=0.0,
+                                 warmup_init=1e-5, warmup_type="constant")
+  np.testing.assert_allclose([schedule(0), schedule(9)], [1e-5, 1e-5], rtol=1e-6)
+  np.testing.assert_allclose(schedule(10), 2e-3, rtol=1e-6)
+  np.testing.assert_allclose(schedule(60), 1e-3, rtol=1e-5)
+  np.testing.assert_allclose(schedule(110), 0.0, atol=1e-9)
+  with pytest.raises(ValueError, match="warmup_type='step'"):
+    optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=1, warmup_type="step")
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_gradient_accumulation_equals_one_step_on_the_mean_gradient(name):
   """k micro-batches with grad_accum_steps=k == one step on the mean of their gradients."""

@@ -9,17 +9,16 @@ plugs in as a module `jaxprompt.<config.model_name>` that exports
   * `TRAINABLE_PARAMS`: the regex of param names that train (overridable by
     `config.trainable_params`);
   * `load(init_params, path)`: pretrained backbone weights merged into `init_params`;
-  * optionally `training_loss(logits, aux, labels, num_classes, label_smoothing)`: per-example
-    losses (default: cross-entropy on `logits`); accuracy always uses `logits`.
+  * optionally `make_loss(config, source) -> loss(logits, aux, batch)`: per-example losses (or a
+    scalar for the whole batch) for training and evaluation; default `cross_entropy_loss`.
+    Accuracy always uses `logits`.
 
-Methods whose loss or metrics need more than `batch['label']` (multi-label LMPT) may also export
+Methods whose inputs or metrics need more than `batch['label']` (multi-label LMPT) may also export
 
   * `MODEL_INPUTS`: batch keys besides 'image' passed to the model as keyword arguments when the
     batch has them (LMPT: 'caption_tokens', which only training batches carry);
   * `source_kwargs(config) -> dict`: extra keyword arguments of the data source (LMPT: the
     caption tokenizer, which a config cannot hold);
-  * `make_loss(config, source) -> loss(logits, aux, batch)`: per-example losses or a scalar on the
-    whole batch; replaces `training_loss`;
   * `make_metrics(config, source) -> metrics(logits, labels) -> dict`: metrics of a whole eval
     split from its logits (N, C) and labels (N, ...) ('labels' when the batches carry them, else
     'label'), on the host; they replace accuracy and loss as '{split}/{name}'.
@@ -109,9 +108,11 @@ def with_trainable(params, subset):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def default_loss(logits, aux, labels, num_classes: int, label_smoothing: float = 0.0):
-  del aux
-  return optim.cross_entropy(logits, labels, num_classes, label_smoothing)
+def cross_entropy_loss(config, source):
+  """The default `make_loss`: softmax cross-entropy on batch['label'] (config.label_smoothing)."""
+  smoothing = config.get("label_smoothing", 0.0)
+  return lambda logits, aux, batch: optim.cross_entropy(logits, batch["label"],
+                                                        source.num_classes, smoothing)
 
 
 def model_inputs(batch, keys) -> dict:
@@ -119,12 +120,9 @@ def model_inputs(batch, keys) -> dict:
   return {k: batch[k] for k in keys if k in batch}
 
 
-def make_train_step(model, tx, labels, *, loss_fn, num_classes: int, label_smoothing: float,
-                    seed: int, batch_loss=None, input_keys=()):
-  """(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}.
-
-  The loss is `batch_loss(logits, aux, batch)` when given, else `loss_fn` on batch['label'].
-  """
+def make_train_step(model, tx, labels, *, loss_fn, seed: int, input_keys=()):
+  """(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}; the loss is the
+  mean of `loss_fn(logits, aux, batch)`."""
   base_rng = jax.random.PRNGKey(seed)
 
   def train_step(state, batch):
@@ -133,11 +131,7 @@ def make_train_step(model, tx, labels, *, loss_fn, num_classes: int, label_smoot
     def mean_loss(params):
       logits, aux = model.apply({"params": params}, batch["image"], train=True,
                                 rngs={"dropout": rng}, **model_inputs(batch, input_keys))
-      if batch_loss is not None:
-        loss = jnp.mean(batch_loss(logits, aux, batch))
-      else:
-        loss = loss_fn(logits, aux, batch["label"], num_classes, label_smoothing).mean()
-      return loss, logits
+      return jnp.mean(loss_fn(logits, aux, batch)), logits
 
     (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -155,8 +149,7 @@ def make_train_step(model, tx, labels, *, loss_fn, num_classes: int, label_smoot
   return train_step
 
 
-def make_eval_step(model, *, loss_fn, num_classes: int, keep_logits: bool = False,
-                   input_keys=()):
+def make_eval_step(model, *, loss_fn, keep_logits: bool = False, input_keys=()):
   """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples; with
   `keep_logits` -> the batch's 'logits', labels ('labels', else 'label') and '_mask' instead."""
 
@@ -168,7 +161,7 @@ def make_eval_step(model, *, loss_fn, num_classes: int, keep_logits: bool = Fals
               "_mask": batch["_mask"]}
     mask = batch["_mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    loss = loss_fn(logits, aux, batch["label"], num_classes)
+    loss = jnp.broadcast_to(loss_fn(logits, aux, batch), mask.shape)
     return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask)}
 
@@ -267,19 +260,17 @@ def build(config) -> Experiment:
            "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
                      "step": sharding.replicated(mesh)}
-  loss_fn = getattr(module, "training_loss", default_loss)
-  batch_loss = module.make_loss(config, data.source) if hasattr(module, "make_loss") else None
+  loss_fn = getattr(module, "make_loss", cross_entropy_loss)(config, data.source)
   metrics_fn = module.make_metrics(config, data.source) if hasattr(module, "make_metrics") \
       else None
   input_keys = tuple(getattr(module, "MODEL_INPUTS", ()))
   train_step = jax.jit(
-      make_train_step(model, tx, labels, loss_fn=loss_fn, num_classes=num_classes,
-                      label_smoothing=config.get("label_smoothing", 0.0), seed=config.seed,
-                      batch_loss=batch_loss, input_keys=input_keys),
+      make_train_step(model, tx, labels, loss_fn=loss_fn, seed=config.seed,
+                      input_keys=input_keys),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, loss_fn=loss_fn, num_classes=num_classes,
-                                     keep_logits=metrics_fn is not None, input_keys=input_keys),
+  eval_step = jax.jit(make_eval_step(model, loss_fn=loss_fn, keep_logits=metrics_fn is not None,
+                                     input_keys=input_keys),
                       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
   return Experiment(config, mesh, data, module, model, labels, schedule, state, state_shardings,

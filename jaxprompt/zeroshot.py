@@ -81,8 +81,8 @@ def evaluate(exp, templates: Sequence[str], split: str) -> dict:
   # `train.make_eval_step` only calls `apply(variables, images, train=...) -> (logits, aux)`.
   zero_shot = types.SimpleNamespace(apply=lambda variables, images, train: (
       logits(clip_model, variables["params"]["clip"], images, classifier), {}))
-  eval_step = jax.jit(train.make_eval_step(zero_shot, loss_fn=train.default_loss,
-                                           num_classes=len(model.class_names),
+  loss_fn = train.cross_entropy_loss(exp.config, exp.data.source)
+  eval_step = jax.jit(train.make_eval_step(zero_shot, loss_fn=loss_fn,
                                            keep_logits=exp.metrics_fn is not None))
   return train.evaluate(dataclasses.replace(exp, eval_step=eval_step), exp.state["params"], split)
 

@@ -6,9 +6,11 @@ image logits and 8.2e-7 for the prompt logits. That code cannot ship here (not o
 below pin each part of it instead.
 """
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -142,7 +144,8 @@ def test_training_loss_weights_the_two_branches():
   logits = jnp.array([[2.0, 0.0, -1.0]])
   prompt_logits = jnp.array([[0.0, 1.0, 0.0]])
   labels = jnp.array([0])
-  got = sa2vp.training_loss(logits, {"prompt_logits": prompt_logits}, labels, 3)
+  loss_fn = sa2vp.make_loss(ml_collections.ConfigDict(), types.SimpleNamespace(num_classes=3))
+  got = loss_fn(logits, {"prompt_logits": prompt_logits}, {"label": labels})
   ce = lambda z: -jax.nn.log_softmax(z)[0, 0]
   np.testing.assert_allclose(got, [0.8 * ce(logits) + 0.2 * ce(prompt_logits)], rtol=1e-6)
 

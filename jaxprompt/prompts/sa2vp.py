@@ -17,7 +17,7 @@ Follows tommy-xq/SA2VP `vpt_main/src/models/vit_backbones/vit_tinypara.py` (the 
     prompt and `image += alpha * F`;
   * deep prompt maps at layers 4 and 8: `block_i(Dense_{d->D}(deep_ppt[k])) * cross_conv[k]` is
     added to the prompt stream after block i;
-  * one shared head on both CLS slots; loss 0.8 CE(image) + 0.2 CE(prompt) (`training_loss`);
+  * one shared head on both CLS slots; loss 0.8 CE(image) + 0.2 CE(prompt) (`make_loss`);
     accuracy from the image logits only;
   * the frozen backbone's dropout (0.1) is live in training, unlike VPT.
 
@@ -189,10 +189,15 @@ class Model(nn.Module):
                                         "pre_logits": image[:, 0]}
 
 
-def training_loss(logits, aux, labels, num_classes: int, label_smoothing: float = 0.0):
-  """Per-example 0.8 CE(image logits) + 0.2 CE(prompt logits)."""
-  ce = lambda z: optim.cross_entropy(z, labels, num_classes, label_smoothing)
-  return IMAGE_LOSS_WEIGHT * ce(logits) + PROMPT_LOSS_WEIGHT * ce(aux["prompt_logits"])
+def make_loss(config, source):
+  """Per-example 0.8 CE(image logits) + 0.2 CE(prompt logits) on batch['label']."""
+  smoothing = config.get("label_smoothing", 0.0)
+
+  def loss(logits, aux, batch):
+    ce = lambda z: optim.cross_entropy(z, batch["label"], source.num_classes, smoothing)
+    return IMAGE_LOSS_WEIGHT * ce(logits) + PROMPT_LOSS_WEIGHT * ce(aux["prompt_logits"])
+
+  return loss
 
 
 def load(init_params, path: str):

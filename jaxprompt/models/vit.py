@@ -73,7 +73,8 @@ class Dropout(nn.Module):
                             jnp.uint32)
     draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x.shape)
     keep = draws >= jnp.uint16(round(self.rate * 65536))
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+    # A multiply by the 0/1 mask fuses into one loop; select with zeros_like materialises zeros.
+    return x * (keep.astype(x.dtype) * (1.0 / (1.0 - self.rate)))
 
 
 class MlpBlock(nn.Module):
@@ -146,8 +147,8 @@ class MultiHeadAttention(nn.Module):
       k, v = split_heads(key_value @ jnp.concatenate(kernels[1:], 1) + jnp.concatenate(biases[1:]),
                          2)
     logits = ((q * head_dim**-0.5) @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, Nq, Nk)
-    if mask is not None:
-      logits = jnp.where(mask, logits, -jnp.inf)
+    if mask is not None:  # an additive 0 / -1e30 bias: exp() makes masked weights exactly 0
+      logits = logits + jnp.where(jnp.asarray(mask), 0.0, -1e30).astype(jnp.float32)
     weights = jax.nn.softmax(logits).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0:
       weights = Dropout(self.dropout_rate)(weights, deterministic=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import sa2vp_fgvc, sa2vp_hta, sa2vp_vtab
+from configs import sa2vp_fgvc, sa2vp_hta, sa2vp_swin_vtab, sa2vp_vtab, vpt_swin_vtab, vpt_vtab
 from input_pipeline import hta, pipeline
 from jaxprompt import train
 # Fixtures and writers of the pipeline tests (tiny TFDS metadata, generated FGVC/GTSRB folders).
@@ -35,7 +35,8 @@ def first_batch(config, eval_only: bool):
 def check(config, eval_only: bool = False):
   source, batch = first_batch(config, eval_only)
   assert batch["image"].shape == (2, 224, 224, 3) and batch["image"].dtype == np.float32
-  assert -1.0 - 1e-6 <= batch["image"].min() and batch["image"].max() <= 1.0 + 1e-6  # mean=std=.5
+  if tuple(config.pp.mean) == (0.5, 0.5, 0.5):  # SA2VP's normalisation: pixels in [-1, 1]
+    assert -1.0 - 1e-6 <= batch["image"].min() and batch["image"].max() <= 1.0 + 1e-6
   assert ((0 <= batch["label"]) & (batch["label"] < source.num_classes)).all()
   module = importlib.import_module(f"jaxprompt.{config.model_name}")
   module.Model(num_classes=source.num_classes, **config.model)  # settings the model accepts
@@ -43,8 +44,10 @@ def check(config, eval_only: bool = False):
 
 @pytest.mark.parametrize("task", sa2vp_vtab.NATURAL + sa2vp_vtab.SPECIALIZED
                          + sa2vp_vtab.STRUCTURED)
-def test_sa2vp_vtab_config_resolves(task, metadata_dir):  # noqa: F811
-  config = sa2vp_vtab.get_config(f"task={task}")
+@pytest.mark.parametrize("config_module", [sa2vp_vtab, sa2vp_swin_vtab, vpt_vtab, vpt_swin_vtab],
+                         ids=lambda m: m.__name__.split(".")[-1])
+def test_vtab_config_resolves(config_module, task, metadata_dir):  # noqa: F811
+  config = config_module.get_config(f"task={task}")
   config.data_dir = metadata_dir
   kwargs = {"as_dataset_fn": _objects_as_dataset(DERIVED[task][0])} if task in DERIVED else {}
   with tfds.testing.mock_data(num_examples=2, data_dir=metadata_dir, **kwargs):

@@ -55,7 +55,7 @@ def sa2vp_vit_config(*, augment: str = "none") -> ml_collections.ConfigDict:
   augment: 'none' (VTAB: resize to 224) or 'fgvc' (resize 256, random crop + flip / center crop).
   """
   config = common.base_config(model_name="prompts.sa2vp", model=dict(
-      variant="B/16", inter_dim=16, inter_weight=0.1, dropout=0.1))
+      variant="B/16", inter_dim=16, inter_weight=0.1, dropout=0.1, deep_prompt_layers=(4, 8)))
   config.pp = ml_collections.ConfigDict(dict(
       image_size=224, mean=preprocess.INCEPTION_MEAN, std=preprocess.INCEPTION_STD,
       train_augment="fgvc_train" if augment == "fgvc" else "none",
@@ -70,8 +70,10 @@ def sa2vp_vit_config(*, augment: str = "none") -> ml_collections.ConfigDict:
 
 
 def use_embedded_demo(config) -> None:
-  """The embedded demo for every SA2VP config: generated 32 px shapes, tiny ViT, 8 epochs."""
-  common.use_embedded_demo(config)
+  """The embedded demo for every SA2VP config: generated 32 px shapes, a two-block ViT (its block
+  1 takes the deep prompt map that layers 4 and 8 take in ViT-B), 12 epochs."""
+  common.use_embedded_demo(config, epochs=12)
+  config.model.deep_prompt_layers = (1,)
   config.pp.train_augment = config.pp.eval_augment = "none"
   config.optim.lr = 1e-2
 

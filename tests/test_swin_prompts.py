@@ -19,7 +19,7 @@ from configs import sa2vp_swin_vtab, sa2vp_vtab, vpt_swin_vtab
 from jaxprompt import optim, train
 from jaxprompt.models import common, swin
 from jaxprompt.prompts import sa2vp_swin, vpt_swin
-from trainer_steps import run_steps  # pylint: disable=import-error
+from trainer_steps import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
 
 TINY = dict(variant="mu", patch_size=2, window_size=2)
 ALL_TASKS = sa2vp_vtab.NATURAL + sa2vp_vtab.SPECIALIZED + sa2vp_vtab.STRUCTURED
@@ -163,12 +163,6 @@ def count(model, regex):
   return trainable, sum(sizes.values()) - trainable
 
 
-def assert_only_trainable_params_changed(before, after, labels):
-  for name in after:
-    unchanged = np.array_equal(after[name].view(np.uint32), before[name].view(np.uint32))
-    assert unchanged == (labels[name] == optim.FROZEN), name
-
-
 def test_sa2vp_init_trainable_split_frozen_params_and_falling_loss():
   config = sa2vp_swin_vtab.get_config("runlocal")
   config.batch_size, config.total_steps, config.optim.lr = 16, 30, 0.03
@@ -190,7 +184,7 @@ def test_sa2vp_init_trainable_split_frozen_params_and_falling_loss():
          for p in ("ffn_norm/scale", "ffn_norm/bias", "ffn/Dense_0/kernel", "ffn/Dense_0/bias",
                    "ffn/Dense_1/kernel", "ffn/Dense_1/bias")])
   state, losses = run_steps(exp, config.total_steps)
-  assert_only_trainable_params_changed(before, flat(state["params"]), labels)
+  assert_only_trainable_changed(before, flat(state["params"]), labels)
   assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
 
 
@@ -324,7 +318,7 @@ def test_vpt_trains_only_prompts_and_head(vpt_params):
   for _ in range(2):  # the first step runs at lr 0 (warmup)
     updates, opt_state = tx.update(grads, opt_state, vpt_params)
     params = optim.apply_updates(vpt_params, updates, labels)
-  assert_only_trainable_params_changed(flat(vpt_params), flat(params), flat(labels))
+  assert_only_trainable_changed(flat(vpt_params), flat(params), flat(labels))
 
 
 # --- checkpoints and configs --------------------------------------------------------------------

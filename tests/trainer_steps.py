@@ -1,6 +1,8 @@
 """Shared by the tests that take a few real train steps through `train.build(config)`."""
+import numpy as np
+
 from input_pipeline import pipeline
-from jaxprompt import sharding
+from jaxprompt import optim, sharding
 
 
 def train_batches(exp, n: int, seed: int = 0) -> list:
@@ -18,3 +20,11 @@ def run_steps(exp, steps: int, seed: int = 0):
     state, metrics = exp.train_step(state, batch)
     losses.append(float(metrics["loss"]))
   return state, losses
+
+
+def assert_only_trainable_changed(before: dict, after: dict, labels: dict) -> None:
+  """Flat '/'-named params: every 'train' leaf changed and every frozen leaf is bit-identical."""
+  for name, value in after.items():
+    same_bits = np.array_equal(np.asarray(value).view(np.uint32),
+                               np.asarray(before[name]).view(np.uint32))
+    assert same_bits == (labels[name] == optim.FROZEN), name

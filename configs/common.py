@@ -52,6 +52,10 @@ def base_config(*, model_name: str, model: dict) -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: only at the end
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
+  # A rerun resumes the workdir's run only when its state-shaping settings match the workdir's
+  # config.json (jaxprompt/run_record.py); overwrite=True deletes its checkpoints and starts anew.
+  config.overwrite = False
+  config.strict_resume = False  # True: an unreadable latest checkpoint stops the run (no fallback)
   return config
 
 
@@ -67,12 +71,14 @@ def optimizer(name: str, lr: float, weight_decay: float, **kw) -> ml_collections
   return ml_collections.ConfigDict(settings)
 
 
-def use_embedded_demo(config, *, variant: str = "mu/4", epochs: int = 8) -> None:
-  """The out-of-the-box run: generated 32 px shapes, a tiny ViT trained from its random init."""
+def use_embedded_demo(config, *, norm: str, variant: str = "mu/4", epochs: int = 8) -> None:
+  """The out-of-the-box run: generated 32 px shapes, a tiny ViT trained from its random init;
+  VTAB's preprocessing at 32 px with the caller's normalisation (`norm`: a `normalize` preset)."""
   config.dataset = "embedded/shapes"
   config.train_split, config.eval_splits = "train", ("test",)
   config.model.variant = variant
   config.pp.image_size = 32
+  config.pp.train = config.pp.eval = vtab_pp(32, norm)
   config.batch_size = 32
   config.eval_batch_size = 250
   config.num_epochs = epochs
@@ -89,14 +95,26 @@ def apply_runlocal(config) -> None:
   config.log_every_steps = 2
 
 
+def vtab_pp(size: int, norm: str) -> str:
+  """The pp spec of VPT's VTAB transform (`tf_dataset.py`): resize to exactly size × size,
+  bilinear without antialiasing (`tf.image.resize`), [0, 1], then `normalize(norm)`."""
+  return f"resize({size}, antialias=False)|value_range(0, 1)|normalize('{norm}')"
+
+
+def fgvc_pp(size: int, norm: str) -> tuple[str, str]:
+  """The (train, eval) pp specs of VPT's FGVC transforms (`transforms.py`): the shorter side to
+  round(size · 256 / 224), then a random crop and flip (train) or the center crop (eval)."""
+  resize = f"resize_shorter_side({round(size * 256 / 224)})"
+  tail = f"value_range(0, 1)|normalize('{norm}')"
+  return (f"{resize}|random_crop({size})|flip_lr|{tail}", f"{resize}|center_crop({size})|{tail}")
+
+
 def coop_recipe(config) -> None:
   """CoOp's training recipe, which RPL and the CLIP demos share: CLIP mean/std at 224 px with
   resize-crop-flip, SGD lr 0.002 (momentum 0.9, wd 5e-4) after one warmup epoch held at 1e-5,
   then cosine; batch 32 (evaluation 100)."""
-  from input_pipeline import preprocess  # pylint: disable=g-import-not-at-top
-  config.pp = ml_collections.ConfigDict(dict(
-      image_size=224, mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD,
-      train_augment="fgvc_train", eval_augment="fgvc_eval"))
+  train_pp, eval_pp = fgvc_pp(224, "clip")
+  config.pp = ml_collections.ConfigDict(dict(image_size=224, train=train_pp, eval=eval_pp))
   config.optim = optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9, warmup_epochs=1)
   config.optim.warmup_init = 1e-5
   config.optim.warmup_type = "constant"
@@ -107,7 +125,7 @@ def use_tiny_clip(config, *, variant: str, paper_variant: str) -> None:
   """The CLIP demos: a tiny random CLIP ('ViT-mu/8' unless another variant was asked for), the
   byte-level vocabulary the project writes itself, 32 px generated images, and a linear warmup:
   from its random init the tiny CLIP trains far better with the ramp than with CoOp's constant
-  warmup (CoOp demo test accuracy 0.425 vs 0.159)."""
+  warmup (CoOp demo test accuracy 0.425 vs 0.159). The caller sets the 32 px pp specs."""
   from input_pipeline import embedded_clip  # pylint: disable=g-import-not-at-top
   config.model.variant = "ViT-mu/8" if variant == paper_variant else variant
   config.model.vocab_path = embedded_clip.byte_vocabulary()

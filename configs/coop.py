@@ -61,7 +61,7 @@ def get_config(arg=None):
   else:
     config.dataset = embedded_clip.NAME
     common.use_tiny_clip(config, variant=arg.variant, paper_variant="ViT-B/16")
-    config.pp.train_augment = config.pp.eval_augment = "none"
+    config.pp.train = config.pp.eval = common.vtab_pp(32, "clip")
   if arg.runlocal:
     common.apply_runlocal(config)
   return config

@@ -54,7 +54,7 @@ labels of ten per test image). Measured (seed 0, test split of 500, 2 CPU cores)
 import ml_collections
 
 from configs import common
-from input_pipeline import embedded_multilabel, preprocess
+from input_pipeline import embedded_multilabel
 
 BASELINES = ("", "coop", "finetune")
 
@@ -63,6 +63,13 @@ def seed_plateau() -> ml_collections.ConfigDict:
   """ReduceLROnPlateau(mode='max', patience=5, min_lr=1e-7) stepped on the test mAP."""
   return ml_collections.ConfigDict(dict(metric="test/mAP", mode="max", factor=0.1, patience=5,
                                         min_lr=1e-7))
+
+
+def lmpt_pp(size: int) -> tuple[str, str]:
+  """The (train, eval) pp specs of the seed's `imagelist.py`: resize to exactly size × size (PIL,
+  so antialiased), a random flip for training, ImageNet mean/std."""
+  tail = "value_range(0, 1)|normalize('imagenet')"
+  return f"resize({size})|flip_lr|{tail}", f"resize({size})|{tail}"
 
 
 def lmpt_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
@@ -80,9 +87,8 @@ def lmpt_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
       loss_function=arg.loss, dbl_dataset=dataset, neg_scale=2.0, gamma=0.2, cse=True,
       m_ctx=arg.m_ctx, lam=arg.lam, count_transform=arg.count_transform, sign=arg.sign,
       threshold=0.3))
-  config.pp = ml_collections.ConfigDict(dict(
-      image_size=224, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD,
-      train_augment="resize_flip", eval_augment="none", antialias=True))
+  train_pp, eval_pp = lmpt_pp(224)
+  config.pp = ml_collections.ConfigDict(dict(image_size=224, train=train_pp, eval=eval_pp))
   # Constant lr (min_lr = lr: no decay), lowered only by the plateau rule.
   config.optim = common.optimizer("sgd", lr=5e-4, weight_decay=1e-4, momentum=0.9, min_lr=5e-4)
   config.optim.plateau = seed_plateau()
@@ -107,6 +113,7 @@ def lmpt_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   else:
     config.dataset = embedded_multilabel.NAME
     common.use_tiny_clip(config, variant=arg.variant, paper_variant="ViT-B/16")
+    config.pp.train, config.pp.eval = lmpt_pp(config.pp.image_size)
   if arg.runlocal:
     common.apply_runlocal(config)
     config.eval_every_epochs = 0

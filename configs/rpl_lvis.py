@@ -68,7 +68,7 @@ def get_config(arg=None):
   if demo:
     common.use_tiny_clip(config, variant=arg.variant, paper_variant="ViT-B/32")
     config.eval_batch_size = 100
-    config.pp.train_augment = config.pp.eval_augment = "none"
+    config.pp.train = config.pp.eval = common.vtab_pp(32, "clip")
     config.num_epochs = 300  # 600 steps: the random CLIP needs many to show learning
     config.log_every_steps = 100
   if arg.runlocal:

@@ -21,7 +21,7 @@ to the rest; this is our reading, not the seed's statement. The ViT-only learnin
 Clevr/Count 5e-4) are not applied.
 
 The SA2VP paper's Swin-B VTAB-1k results (its Table 3) are not reproduced here: the paper was not
-retrievable in this environment, so no number is quoted (see shared/specs §6).
+retrievable in this environment, so no number is quoted.
 """
 import ml_collections
 

@@ -21,12 +21,11 @@ Natural and 40 for Specialized/Structured, inputs resized to 224 and normalised 
 dSprites/ori 16/0.1, sNORB/ele 32/0.5.
 
 The SA2VP paper's VTAB-1k results (Table 1, ViT-B/16 IN-21k) are not reproduced here: the paper was
-not retrievable in this environment, so no number is quoted (see shared/specs §6).
+not retrievable in this environment, so no number is quoted.
 """
 import ml_collections
 
 from configs import common
-from input_pipeline import preprocess
 
 NATURAL = ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397")
 SPECIALIZED = ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy")
@@ -56,10 +55,11 @@ def sa2vp_vit_config(*, augment: str = "none") -> ml_collections.ConfigDict:
   """
   config = common.base_config(model_name="prompts.sa2vp", model=dict(
       variant="B/16", inter_dim=16, inter_weight=0.1, dropout=0.1, deep_prompt_layers=(4, 8)))
-  config.pp = ml_collections.ConfigDict(dict(
-      image_size=224, mean=preprocess.INCEPTION_MEAN, std=preprocess.INCEPTION_STD,
-      train_augment="fgvc_train" if augment == "fgvc" else "none",
-      eval_augment="fgvc_eval" if augment == "fgvc" else "none"))
+  if augment not in ("none", "fgvc"):
+    raise ValueError(f"augment={augment!r}: expected 'none' or 'fgvc'.")
+  train_pp, eval_pp = (common.fgvc_pp(224, "inception") if augment == "fgvc"
+                       else (common.vtab_pp(224, "inception"),) * 2)
+  config.pp = ml_collections.ConfigDict(dict(image_size=224, train=train_pp, eval=eval_pp))
   config.batch_size = 64
   config.eval_batch_size = 256
   config.num_epochs = 100
@@ -72,9 +72,8 @@ def sa2vp_vit_config(*, augment: str = "none") -> ml_collections.ConfigDict:
 def use_embedded_demo(config) -> None:
   """The embedded demo for every SA2VP config: generated 32 px shapes, a two-block ViT (its block
   1 takes the deep prompt map that layers 4 and 8 take in ViT-B), 12 epochs."""
-  common.use_embedded_demo(config, epochs=12)
+  common.use_embedded_demo(config, norm="inception", epochs=12)
   config.model.deep_prompt_layers = (1,)
-  config.pp.train_augment = config.pp.eval_augment = "none"
   config.optim.lr = 1e-2
 
 

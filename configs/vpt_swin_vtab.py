@@ -16,7 +16,7 @@ ImageNet mean/std, no augmentation), one point of VPT's per-task lr x wd grid (`
 The backbone runs in eval mode, so no stochastic depth.
 
 VPT's Swin-B VTAB-1k results (paper Table 4 / appendix) are not quoted here: they could not be
-checked against the paper in this environment (see shared/specs §6).
+checked against the paper in this environment.
 """
 import ml_collections
 

@@ -18,7 +18,6 @@ warmup epochs, cosine.
 import ml_collections
 
 from configs import common
-from input_pipeline import preprocess
 
 
 def get_config(arg=None):
@@ -27,9 +26,8 @@ def get_config(arg=None):
   config = common.base_config(model_name="prompts.vpt", model=dict(
       variant=arg.variant, num_prompts=arg.num_prompts, deep=not arg.shallow,
       prompt_dropout=0.0 if arg.shallow else 0.1))
-  config.pp = ml_collections.ConfigDict(dict(
-      image_size=224, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD,
-      train_augment="none", eval_augment="none"))
+  pp = common.vtab_pp(224, "imagenet")
+  config.pp = ml_collections.ConfigDict(dict(image_size=224, train=pp, eval=pp))
   config.batch_size = 64
   config.eval_batch_size = 256
   config.num_epochs = 100
@@ -41,7 +39,7 @@ def get_config(arg=None):
     config.train_split, config.eval_splits = (
         ("train800", ("val200",)) if arg.split == "val" else ("train800val200", ("test",)))
   else:
-    common.use_embedded_demo(config)
+    common.use_embedded_demo(config, norm="imagenet")
     config.optim.lr = 0.5
   if arg.runlocal:
     common.apply_runlocal(config)

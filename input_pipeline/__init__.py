@@ -2,9 +2,10 @@
 
 One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`,
 `multilabel_lt.py`, `folder.py`, `embedded*.py`), all implementing `base.DataSource`
-(`file_list.py` holds the source that the file-list families share); `preprocess.py` holds the
-per-example transforms and `pipeline.py` the batched train/eval streams. The pipeline knows
-nothing about models.
+(`file_list.py` holds the source that the file-list families share); `preprocess.py` builds the
+per-example transforms from a pp spec ('resize(224)|flip_lr|...': `pp_registry.py` parses and
+composes it, `pp_ops.py` holds the ops) and `pipeline.py` the batched train/eval streams. The
+pipeline knows nothing about models.
 """
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS),
 
 
 def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSource:
+  """The data source called `name`; an unknown keyword argument is an error that names the
+  source's valid ones (they come from `config.dataset_kwargs`). See `_make_source`."""
+  try:
+    return _make_source(name, data_dir=data_dir, **kwargs)
+  except TypeError as e:
+    if "unexpected keyword argument" not in str(e):
+      raise
+    raise TypeError(f"Data source {name!r}: {e.args[0].split(' got ')[-1]} (from "
+                    f"config.dataset_kwargs = {sorted(kwargs)}); see input_pipeline.get_source "
+                    "for the keyword arguments each source takes.") from e
+
+
+def _make_source(name: str, *, data_dir: str | None, **kwargs) -> DataSource:
   """The data source called `name` (one of `SOURCE_NAMES`).
 
   vtab/<task>: TFDS data prepared in `data_dir` (kwargs: tfds_version to override the version).

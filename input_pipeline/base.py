@@ -45,6 +45,11 @@ class DataSource:
   name: str
   num_classes: int
   splits: tuple[str, ...]
+  # The example keys besides 'image' that batches carry, with their batch dtypes; a source may
+  # produce a declared key in some splits only (LMPT's 'caption_tokens': train only). Methods
+  # declare the keys they consume (`jaxprompt.method.Method.inputs`) and the trainer checks them
+  # against this at start.
+  batch_keys: dict = {"label": tf.int32}
 
   def num_examples(self, split: str) -> int:
     """Examples in the whole split (all hosts together)."""

@@ -99,6 +99,7 @@ def make_split(split: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
 
 class MultilabelShapesSource(base.DataSource):
   """The generated long-tailed multi-label squares (see module docstring), served from memory."""
+  batch_keys = multilabel_lt.MultilabelLtSource.batch_keys
 
   def __init__(self, name: str = NAME, *, caption_chars: int | None = multilabel_lt.CAPTION_CHARS,
                caption_tokenizer: Callable[[list[str]], np.ndarray] | None = None):

@@ -46,13 +46,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline import base, file_list
+from input_pipeline import base, file_list, safe_pickle
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -149,9 +148,11 @@ def read_captions(path: str, train_paths: Sequence[str], name: str,
 
 
 def read_class_freq(path: str, train_labels: np.ndarray, name: str) -> np.ndarray:
-  """class_freq of class_freq.pkl (int64 [C]), checked against the train list's counts."""
-  with open(path, "rb") as f:
-    content = pickle.load(f)
+  """class_freq of class_freq.pkl (int64 [C]), checked against the train list's counts.
+
+  The pickle is read with `safe_pickle.load` (numpy arrays and builtin containers only): it comes
+  with a downloaded data folder, and plain `pickle.load` would run any code it names."""
+  content = safe_pickle.load(path)
   if not isinstance(content, dict) or "class_freq" not in content:
     keys = sorted(content) if isinstance(content, dict) else type(content).__name__
     raise ValueError(f"Data source {name!r}: {path} must hold a dict with key 'class_freq'; got "
@@ -177,6 +178,7 @@ def read_class_freq(path: str, train_labels: np.ndarray, name: str) -> np.ndarra
 
 class MultilabelLtSource(base.DataSource):
   """COCO-LT or VOC-LT from the LMPT lists (see module docstring)."""
+  batch_keys = {"labels": tf.float32, "caption_tokens": tf.int32}  # caption_tokens: train only
 
   def __init__(self, dataset: str, *, root: str | None = None, data_dir: str | None = None,
                caption_chars: int | None = CAPTION_CHARS,

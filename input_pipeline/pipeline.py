@@ -11,9 +11,10 @@ Evaluation (`make_eval_dataset`): one pass, every example of the split exactly o
 hosts; the last batch is padded with '_mask' = False examples, and every host yields the same
 number of batches (hosts with fewer examples add whole masked batches).
 
-A batch carries 'image' and whichever of `BATCH_KEYS` the examples have: 'label' (single-label
-sources), 'labels' (multi-hot, multi-label sources), 'caption_tokens' (sources that tokenise
-captions); other example keys (file names, caption strings) stay out of the batch.
+A batch carries 'image' and whichever of the source's declared `batch_keys` the examples have:
+'label' (single-label sources), 'labels' (multi-hot, multi-label sources), 'caption_tokens'
+(sources that tokenise captions), ...; other example keys (file names, caption strings) stay out
+of the batch.
 """
 from __future__ import annotations
 
@@ -24,13 +25,10 @@ import tensorflow as tf
 from input_pipeline import base
 
 
-BATCH_KEYS = {"label": tf.int32, "labels": tf.float32, "caption_tokens": tf.int32}
-
-
-def _batch_fields(example: dict) -> dict:
-  """'image' and the `BATCH_KEYS` the example has, cast to their batch dtypes."""
+def _batch_fields(example: dict, batch_keys: dict) -> dict:
+  """'image' and the declared `batch_keys` the example has, cast to their batch dtypes."""
   fields = {"image": example["image"]}
-  fields.update({k: tf.cast(example[k], dtype) for k, dtype in BATCH_KEYS.items() if k in example})
+  fields.update({k: tf.cast(example[k], dtype) for k, dtype in batch_keys.items() if k in example})
   return fields
 
 
@@ -77,7 +75,7 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
   def prepare(example, position):
     example = dict(source.decode(example))
     example["_seed"] = tf.random.experimental.stateless_fold_in(augment_key, position)
-    return _batch_fields(preprocess_fn(example))
+    return _batch_fields(preprocess_fn(example), source.batch_keys)
 
   stream = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -92,7 +90,7 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
   num_batches = -(-max(counts) // batch)
 
   def prepare(example):
-    return {**_batch_fields(preprocess_fn(example)), "_mask": tf.constant(True)}
+    return {**_batch_fields(preprocess_fn(example), source.batch_keys), "_mask": tf.constant(True)}
 
   ds = source.dataset(split, process_index=process_index, process_count=process_count)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

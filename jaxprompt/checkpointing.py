@@ -5,30 +5,50 @@ is also the input position: the train pipeline is deterministic and resumes at t
 frozen backbone comes back from `model_init` (or the seeded init), so a prompt-tuning checkpoint of
 ViT-B is a few MB, not 350. Saves are asynchronous and atomic (orbax writes to a temporary folder
 and renames it); `close()` waits for the last one.
+
+The train loop decides when to save (every `checkpoint_every_steps` and at the end) and checks
+that the state is finite first, so every checkpoint written is one a run can resume from; orbax's
+own interval logic is not used (it always saves the first step it is offered, NaN or not).
+
+A checkpoint that cannot be read back (truncated or garbage files, a deleted manifest) or that
+holds non-finite values is never a reason to restart from step 0: `restore_latest` warns, moves
+it aside to `<workdir>/corrupt_checkpoints/<step>` and falls back to the newest readable one, or
+raises naming the step with `strict=True` (`config.strict_resume`) or when none is readable.
 """
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+
+class ResumeError(RuntimeError):
+  """A checkpoint of this workdir cannot be used to resume; the message names its step."""
 
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` keyed by train step."""
 
-  def __init__(self, directory: str, *, keep: int, every_steps: int):
+  def __init__(self, directory: str, *, keep: int):
+    if keep < 1:
+      raise ValueError(f"keep_checkpoints={keep}: expected at least 1.")
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
-                                             create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, *, force: bool = False) -> bool:
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  def save(self, step: int, state) -> bool:
+    """Saves `step` (asynchronously); the caller has checked that `state` is finite."""
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
 
   def restore(self, step: int, like):
     """Restores `step` with the shapes, dtypes and shardings of the arrays in `like`."""
@@ -36,6 +56,61 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  def restore_latest(self, like, *, strict: bool = False,
+                     warn: Callable[[str], None] = print) -> tuple[int, object] | None:
+    """(step, state) of the newest checkpoint that reads back finite, or None when there is none.
+
+    An unreadable or non-finite checkpoint is moved aside with a warning and the next older one
+    is tried; with `strict` the first such checkpoint raises ResumeError instead.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        state = self.restore(step, like)
+        # Not the optimizer state: it may hold inf by design (the plateau rule's best-so-far).
+        checked = {k: v for k, v in state.items() if k != "opt_state"}
+        problem = None if _all_finite(checked) else "it holds non-finite (NaN/inf) values"
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+        problem = f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      if problem is None:
+        return step, state
+      where = os.path.join(self.directory, str(step))
+      if strict:
+        raise ResumeError(f"The checkpoint of step {step} ({where}) is unusable: {problem}. "
+                              "strict_resume=True refuses to fall back to an older one.")
+      older = steps[i + 1] if i + 1 < len(steps) else None
+      aside = self._move_aside(step)
+      warn(f"WARNING: the checkpoint of step {step} is unusable: {problem}. Moved it to {aside}; "
+           + (f"falling back to step {older}." if older is not None else "no older one is left."))
+    if steps:
+      raise ResumeError(f"No checkpoint in {self.directory} can be resumed from (tried steps "
+                            f"{steps}; they are in {self._aside_root()}). Not restarting from "
+                            "step 0 silently: pass --config.overwrite=True to start a new run.")
+    return None
+
+  def _aside_root(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+
+  def _move_aside(self, step: int) -> str:
+    target = os.path.join(self._aside_root(), str(step))
+    if jax.process_index() == 0:
+      os.makedirs(self._aside_root(), exist_ok=True)
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _all_finite(tree) -> bool:
+  """Whether every float array of `tree` is finite (one jitted reduction; works on sharded and
+  multi-host arrays)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
+      leaves))

@@ -1,7 +1,7 @@
 """PromptDet's regional prompt learning (RPL) as commands: crops -> train -> embed -> index ->
 retrieve -> sample, then the next round trains, embeds and retrieves again.
 
-Follows fcjian/RPL's README and `tools/promptdet/` (see `shared/specs/rpl.md`), with a local image
+Follows fcjian/RPL's README and `tools/promptdet/` (PromptDet, ECCV 2022), with a local image
 pool and exact search in place of LAION-400M, its faiss index and img2dataset. One round:
 
   S=python -m jaxprompt.rpl_pipeline
@@ -57,7 +57,7 @@ from PIL import Image
 from input_pipeline import object_crops, preprocess
 from input_pipeline.folder import IMAGE_EXTENSIONS, FolderSource
 from jaxprompt import retrieval, sharding, train
-from jaxprompt.models import clip
+from jaxprompt.models import clip, common
 from jaxprompt.prompts import coop, rpl
 
 STAGES = ("crops", "train", "embed", "index", "retrieve", "sample", "demo")
@@ -140,10 +140,12 @@ def clip_params(config) -> dict:
 
 def learned_contexts(path: str) -> dict[str, np.ndarray]:
   """{'ctx1', 'ctx2'} from a training workdir (its latest checkpoint) or an .npz holding them
-  (e.g. converted from the original's `model.pth.tar-6` state_dict)."""
+  (e.g. converted from the original's `model.pth.tar-6` state_dict). The .npz is read with
+  allow_pickle=False (`common.load_npz`): an object array or a truncated file is a ValueError
+  naming it."""
   if os.path.isfile(path):
-    with np.load(path) as f:
-      found = {k: np.asarray(f[k], np.float32) for k in ("ctx1", "ctx2") if k in f}
+    arrays = common.load_npz(path)
+    found = {k: np.asarray(arrays[k], np.float32) for k in ("ctx1", "ctx2") if k in arrays}
   else:
     import orbax.checkpoint as ocp
     directory = os.path.join(path, "checkpoints")
@@ -267,12 +269,15 @@ def retrieve(embeddings: str, categories: str, index: str, out: str, *, top_k: i
   """Stage 5: for each selected category, its `top_k` pool images by cosine similarity to its
   embedding, written as out/<category>.txt (one path a line, rank order). Returns them."""
   folders = list(object_crops.read_category_file(categories))
-  features = np.load(embeddings)
+  features = common.load_npy(embeddings)  # allow_pickle=False; bad files name themselves
   if features.ndim != 2 or len(features) != len(folders):
     raise ValueError(f"{embeddings!r} holds {features.shape} embeddings; the category file "
                      f"{categories!r} has {len(folders)} categories (run embed with it).")
-  with np.load(index) as f:
-    paths, pool = f["paths"], f["embeddings"]
+  arrays = common.load_npz(index)  # allow_pickle=False: paths are a unicode array, not objects
+  if not {"paths", "embeddings"} <= set(arrays):
+    raise ValueError(f"Index {index!r} holds {sorted(arrays)}; expected 'paths' and 'embeddings' "
+                     "(written by the index stage).")
+  paths, pool = arrays["paths"], arrays["embeddings"]
   if len(paths) == 0:
     raise ValueError(f"The retrieval pool of {index!r} is empty: index a folder with images.")
   if pool.shape[1] != features.shape[1]:

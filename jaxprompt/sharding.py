@@ -69,3 +69,10 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
+
+
+def padded_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """`global_batch_size` rounded up to a multiple of the data axis and the process count, so that
+  evaluation runs on any device count (the extra examples are masked padding)."""
+  multiple = int(np.lcm(mesh.shape[DATA], jax.process_count()))
+  return -(-global_batch_size // multiple) * multiple

@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 
 import input_pipeline
 from input_pipeline import pipeline, preprocess
-from jaxprompt import checkpointing, optim, sharding, writers
+from jaxprompt import checkpointing, config_checks, optim, run_record, sharding, writers
 
 
 @dataclasses.dataclass
@@ -69,14 +69,22 @@ def check_workdir(workdir: str) -> None:
 
 
 def build_data(config, source_kwargs: dict | None = None) -> Data:
-  """The data source (`config.dataset_kwargs` plus `source_kwargs`) and its preprocessing."""
+  """The data source (`config.dataset_kwargs` plus `source_kwargs`) and its preprocessing: the pp
+  specs `config.pp.train` and `config.pp.eval` (`input_pipeline/preprocess.py`), both built
+  (so checked) before the source opens."""
+  pp, fns = config.pp, []
+  for key in ("train", "eval"):
+    if not isinstance(pp.get(key), str):
+      raise ValueError(f"config.pp.{key} must be a pp spec string such as "
+                       f"\"resize(224)|value_range(0, 1)|normalize('imagenet')\"; got "
+                       f"{pp.get(key)!r} (config.pp keys: {sorted(pp)}).")
+    try:
+      fns.append(preprocess.make_preprocess_fn(pp[key]))
+    except ValueError as e:
+      raise ValueError(f"config.pp.{key}: {e}") from None
   source = input_pipeline.get_source(config.dataset, data_dir=config.get("data_dir") or None,
                                      **config.get("dataset_kwargs", {}), **(source_kwargs or {}))
-  pp = config.pp
-  make = lambda augment: preprocess.make_preprocess_fn(
-      image_size=pp.image_size, mean=tuple(pp.mean), std=tuple(pp.std), augment=augment,
-      antialias=pp.get("antialias"))
-  return Data(source, make(pp.get("train_augment", "none")), make(pp.get("eval_augment", "none")))
+  return Data(source, *fns)
 
 
 def method_module(config):
@@ -173,8 +181,8 @@ def evaluate(exp: "Experiment", params, split: str) -> dict:
   `make_metrics` on the logits of every example."""
   dataset = pipeline.make_eval_dataset(
       exp.data.source, split, exp.data.eval_pp,
-      global_batch_size=exp.config.get("eval_batch_size") or exp.config.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      global_batch_size=exp.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
   if exp.metrics_fn is not None:
     outputs = [jax.device_get(exp.eval_step(params, sharding.global_batch(local, exp.mesh)))
                for local in dataset.as_numpy_iterator()]
@@ -219,6 +227,7 @@ class Experiment:
   eval_step: object  # jitted (params, batch) -> sums (or logits, with metrics_fn)
   metrics_fn: object = None  # the method's `make_metrics(config, source)`, or None
   eval_every_steps: int = 0  # periodic evaluations during training (0: only at the end)
+  eval_batch_size: int = 1  # config.eval_batch_size rounded up to a multiple of the devices
 
   def checkpointed(self, state) -> dict:
     """The part of `state` a checkpoint holds: trainable params, optimizer state, step."""
@@ -228,10 +237,20 @@ class Experiment:
 
 def build(config) -> Experiment:
   """Mesh -> data -> model -> init or load -> optimizer -> sharded state -> jitted steps."""
+  config_checks.check_spine(config)
   mesh = sharding.make_mesh(config.mesh.num_devices, config.mesh.model)
   sharding.check_batch_size(config.batch_size, mesh)
+  eval_batch_size = sharding.padded_batch_size(config.get("eval_batch_size") or config.batch_size,
+                                               mesh)
+  if eval_batch_size != (config.get("eval_batch_size") or config.batch_size):
+    log(f"eval_batch_size {config.get('eval_batch_size') or config.batch_size} -> "
+        f"{eval_batch_size}, a multiple of the {mesh.shape[sharding.DATA]} devices (padding is "
+        "masked out of the metrics)")
   module = method_module(config)
   data = build_data(config, getattr(module, "source_kwargs", lambda _: {})(config))
+  for split in ((config.train_split,) if config.mode == "train" else ()) + tuple(
+      config.eval_splits):
+    data.source.check_split(split)
   num_classes = data.source.num_classes
   module, model = build_model(config, num_classes, getattr(data.source, "class_names", None))
   image_shape = (1, config.pp.image_size, config.pp.image_size, 3)
@@ -274,24 +293,28 @@ def build(config) -> Experiment:
                       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
   return Experiment(config, mesh, data, module, model, labels, schedule, state, state_shardings,
-                    total_steps, train_step, eval_step, metrics_fn, eval_every)
+                    total_steps, train_step, eval_step, metrics_fn, eval_every, eval_batch_size)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or, with config.mode='eval', only evaluates) and returns the final metrics."""
   check_workdir(workdir)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  for warning in run_record.prepare(workdir, config, checkpoint_dir,
+                                    write=jax.process_index() == 0):
+    log(f"WARNING: {warning}")
   log(f"process {jax.process_index()}/{jax.process_count()} with "
       f"{jax.local_device_count()}/{jax.device_count()} {jax.default_backend()} devices")
   exp = build(config)
   log(optim.parameter_table(exp.state["params"], exp.labels))
   state, total_steps = exp.state, exp.total_steps
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=config.keep_checkpoints,
-                                    every_steps=config.checkpoint_every_steps)
+  ckpt = checkpointing.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
   try:
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-      restored = ckpt.restore(start_step, exp.checkpointed(state))
+    latest = ckpt.restore_latest(exp.checkpointed(state), strict=config.get("strict_resume"),
+                                 warn=log)
+    start_step = latest[0] if latest else 0
+    if latest:
+      restored = latest[1]
       state = {"params": with_trainable(state["params"], restored["params"]),
                "opt_state": restored["opt_state"], "step": restored["step"]}
       log(f"resumed from {ckpt.directory} at step {start_step}")
@@ -304,11 +327,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     final = {"step": start_step}
     if config.mode == "train" and start_step < total_steps:
       state, train_metrics = _train_loop(exp, state, start_step, ckpt, writer, run_evals)
-      final.update(train_metrics, step=total_steps)
-    final.update(run_evals(state["params"]))
+      final.update(train_metrics, step=total_steps)  # already written by the loop
+    evals = run_evals(state["params"])
+    final.update(evals)
   finally:
     ckpt.close()  # waits for pending asynchronous saves, also when training stopped on an error
-  writer.write_scalars(final["step"], {k: v for k, v in final.items() if k != "step"})
+  writer.write_scalars(final["step"], evals)
   writer.flush()
   for key in sorted(final):
     if key.endswith(("/accuracy", "mAP")):
@@ -332,15 +356,20 @@ def _train_loop(exp: Experiment, state, start_step: int, ckpt, writer, run_evals
     state, metrics = exp.train_step(state, sharding.global_batch(next(batches), exp.mesh))
     window.append(metrics)
     last = step == total_steps
-    if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or last:
+    save = step % config.checkpoint_every_steps == 0 or last
+    if step % config.log_every_steps == 0 or save:
       # Also before every checkpoint: a NaN loss stops the run before it can be saved.
       stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
       window = []
       if not stacked.pop("finite").all():
+        ckpt.wait()
+        kept = ckpt.latest_step()
         raise FloatingPointError(
             f"non-finite loss or params by step {step} (losses since the last check: "
-            f"{stacked['loss'].tolist()}); stopped. The last good checkpoint (step "
-            f"{ckpt.latest_step()}) is kept in {ckpt.directory}.")
+            f"{stacked['loss'].tolist()}); stopped. " +
+            (f"The last finite checkpoint is step {kept}, in {ckpt.directory} (every checkpoint "
+             "is checked finite before it is saved)." if kept else
+             "No checkpoint was saved (every checkpoint is checked finite before it is saved)."))
       means = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()}
       means["train/lr"] = float(exp.schedule((step - 1) // accum)) * optim.lr_factor(
           state["opt_state"])
@@ -351,5 +380,6 @@ def _train_loop(exp: Experiment, state, start_step: int, ckpt, writer, run_evals
       writer.write_scalars(step, evals)
       if optim.plateau_settings(config.optim):
         state = {**state, "opt_state": optim.plateau_step(state["opt_state"], evals, config.optim)}
-    ckpt.save(step, exp.checkpointed(state), force=last)
+    if save:
+      ckpt.save(step, exp.checkpointed(state))
   return state, means

@@ -35,7 +35,7 @@ def first_batch(config, eval_only: bool):
 def check(config, eval_only: bool = False):
   source, batch = first_batch(config, eval_only)
   assert batch["image"].shape == (2, 224, 224, 3) and batch["image"].dtype == np.float32
-  if tuple(config.pp.mean) == (0.5, 0.5, 0.5):  # SA2VP's normalisation: pixels in [-1, 1]
+  if config.pp.train.endswith("normalize('inception')"):  # SA2VP's: pixels in [-1, 1]
     assert -1.0 - 1e-6 <= batch["image"].min() and batch["image"].max() <= 1.0 + 1e-6
   assert ((0 <= batch["label"]) & (batch["label"] < source.num_classes)).all()
   module = importlib.import_module(f"jaxprompt.{config.model_name}")

@@ -145,9 +145,9 @@ def test_fgvc_errors(tmp_path):
 def test_fgvc_end_to_end_batches_with_fgvc_augmentation(tmp_path):
   _write_fgvc(tmp_path / "dogs", "Images")
   source = input_pipeline.get_source("fgvc/dogs", data_dir=str(tmp_path), check_num_classes=False)
-  kw = dict(image_size=4, mean=preprocess.INCEPTION_MEAN, std=preprocess.INCEPTION_STD)
-  train_pp = preprocess.make_preprocess_fn(augment="fgvc_train", **kw)
-  eval_pp = preprocess.make_preprocess_fn(augment="fgvc_eval", **kw)
+  tail = "value_range(0, 1)|normalize('inception')"  # VPT's FGVC transforms at 4 px
+  train_pp = preprocess.make_preprocess_fn(f"resize_shorter_side(5)|random_crop(4)|flip_lr|{tail}")
+  eval_pp = preprocess.make_preprocess_fn(f"resize_shorter_side(5)|center_crop(4)|{tail}")
   train = pipeline.make_train_dataset(source, "train", train_pp, global_batch_size=4, seed=0)
   batches = [b for _, b in zip(range(5), train.as_numpy_iterator())]
   assert all(b["image"].shape == (4, 4, 4, 3) and b["image"].dtype == np.float32 for b in batches)

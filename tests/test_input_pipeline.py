@@ -284,11 +284,13 @@ def _same(a, b):
              for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("augment", ["none", "fgvc_train"])
-def test_train_stream_is_deterministic_and_resumes_exactly(augment):
+@pytest.mark.parametrize("spec", [
+    "resize(16, antialias=False)|value_range(0, 1)|normalize('inception')",
+    "resize_shorter_side(18)|random_crop(16)|flip_lr|value_range(0, 1)|normalize('inception')"],
+                         ids=["resize", "crop_flip"])
+def test_train_stream_is_deterministic_and_resumes_exactly(spec):
   source = input_pipeline.get_source("embedded/shapes")
-  pp = preprocess.make_preprocess_fn(image_size=16, mean=preprocess.INCEPTION_MEAN,
-                                     std=preprocess.INCEPTION_STD, augment=augment)
+  pp = preprocess.make_preprocess_fn(spec)
   make = lambda **kw: pipeline.make_train_dataset(source, "val", pp, global_batch_size=32,
                                                   **{"seed": 7, **kw})
   straight = _take(make(), 40)  # 500 examples: 40 steps cross two epoch boundaries
@@ -317,8 +319,8 @@ def test_train_stream_on_tfds_source_skips_encoded_examples(tiny_tfds_dir):
 
 def test_train_local_batch_and_divisibility():
   source = input_pipeline.get_source("embedded/shapes")
-  pp = preprocess.make_preprocess_fn(image_size=8, mean=preprocess.IMAGENET_MEAN,
-                                     std=preprocess.IMAGENET_STD)
+  pp = preprocess.make_preprocess_fn(
+      "resize(8, antialias=False)|value_range(0, 1)|normalize('imagenet')")
   batch = _take(pipeline.make_train_dataset(source, "val", pp, global_batch_size=64, seed=0,
                                             process_index=1, process_count=2), 1)[0]
   assert batch["image"].shape == (32, 8, 8, 3)
@@ -349,8 +351,8 @@ def test_folder_source_and_padded_eval(tmp_path):
   with pytest.raises(ValueError, match="'folder'.*valid splits: test, train"):
     source.dataset("val")
 
-  pp = preprocess.make_preprocess_fn(image_size=6, mean=preprocess.IMAGENET_MEAN,
-                                     std=preprocess.IMAGENET_STD)
+  pp = preprocess.make_preprocess_fn(
+      "resize(6, antialias=False)|value_range(0, 1)|normalize('imagenet')")
   batches = list(pipeline.make_eval_dataset(source, "train", pp, global_batch_size=4)
                  .as_numpy_iterator())
   assert len(batches) == 3 and [int(b["_mask"].sum()) for b in batches] == [4, 4, 2]
@@ -379,8 +381,8 @@ def test_folder_errors(tmp_path):
 
 def test_eval_on_tiny_vtab_split_with_resize(tiny_tfds_dir):
   source = input_pipeline.get_source("vtab/dtd", data_dir=tiny_tfds_dir)
-  pp = preprocess.make_preprocess_fn(image_size=8, mean=preprocess.IMAGENET_MEAN,
-                                     std=preprocess.IMAGENET_STD)
+  pp = preprocess.make_preprocess_fn(
+      "resize(8, antialias=False)|value_range(0, 1)|normalize('imagenet')")
   batches = list(pipeline.make_eval_dataset(source, "test", pp, global_batch_size=8)
                  .as_numpy_iterator())
   assert len(batches) == 4 and sum(int(b["_mask"].sum()) for b in batches) == 30
@@ -391,22 +393,22 @@ def test_eval_on_tiny_vtab_split_with_resize(tiny_tfds_dir):
 
 def test_preprocess_modes():
   white = {"image": tf.fill((40, 60, 3), tf.constant(255, tf.uint8)), "label": tf.constant(3)}
-  pp = preprocess.make_preprocess_fn(image_size=32, mean=preprocess.IMAGENET_MEAN,
-                                     std=preprocess.IMAGENET_STD)
+  pp = preprocess.make_preprocess_fn(
+      "resize(32, antialias=False)|value_range(0, 1)|normalize('imagenet')")
   out = pp(white)
   assert out["image"].shape == (32, 32, 3) and out["image"].dtype == tf.float32
   expected = (1 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD)
   np.testing.assert_allclose(out["image"][0, 0], expected, rtol=1e-5)
   assert out["label"].dtype == tf.int32
-  fgvc_eval = preprocess.make_preprocess_fn(image_size=32, mean=preprocess.INCEPTION_MEAN,
-                                            std=preprocess.INCEPTION_STD, augment="fgvc_eval")
+  tail = "value_range(0, 1)|normalize('inception')"
+  fgvc_eval = preprocess.make_preprocess_fn(f"resize_shorter_side(37)|center_crop(32)|{tail}")
   np.testing.assert_allclose(fgvc_eval(white)["image"], np.ones((32, 32, 3)), rtol=1e-5)
-  fgvc_train = preprocess.make_preprocess_fn(image_size=32, mean=preprocess.INCEPTION_MEAN,
-                                             std=preprocess.INCEPTION_STD, augment="fgvc_train")
+  fgvc_train = preprocess.make_preprocess_fn(
+      f"resize_shorter_side(37)|random_crop(32)|flip_lr|{tail}")
   seeded = {**white, "_seed": tf.constant([1, 2], tf.int64)}
   np.testing.assert_array_equal(fgvc_train(seeded)["image"], fgvc_train(seeded)["image"])
   assert "_seed" not in fgvc_train(seeded)
   with pytest.raises(ValueError, match="_seed"):
     fgvc_train(white)
-  with pytest.raises(ValueError, match="fgvc_train"):
-    preprocess.make_preprocess_fn(image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, augment="flip")
+  with pytest.raises(ValueError, match="Unknown pp op 'flip'; known ops: .*flip_lr"):
+    preprocess.make_preprocess_fn("resize(8)|flip")

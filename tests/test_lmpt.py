@@ -176,6 +176,7 @@ def test_train_loop_lowers_the_lr_on_a_plateau_on_the_seeds_files(tmp_path, voca
   """`train_and_evaluate` (as `jaxprompt.main`) on VOC-LT files in the seed's formats, tiny CLIP."""
   config = lmpt_voc_lt.get_config(f"data={_seed_files(tmp_path, 'voc_lt')},runlocal")
   config.model.variant, config.model.vocab_path, config.pp.image_size = "ViT-mu/8", vocab, 32
+  config.pp.train, config.pp.eval = lmpt_voc_lt.lmpt_pp(32)
   config.eval_every_steps = 1  # evaluations after steps 1, 2, 3 (the last step evaluates apart)
   config.optim.plateau.update(patience=0, threshold=10.0)  # only the first counts as better
   final = train.train_and_evaluate(config, str(tmp_path / "workdir"))
@@ -186,8 +187,7 @@ def test_train_loop_lowers_the_lr_on_a_plateau_on_the_seeds_files(tmp_path, voca
 
 
 def test_preprocess_keeps_multi_label_fields_and_flips():
-  pp = preprocess.make_preprocess_fn(image_size=8, mean=(0, 0, 0), std=(1, 1, 1),
-                                     augment="resize_flip")
+  pp = preprocess.make_preprocess_fn("resize(8)|flip_lr|value_range(0, 1)")
   image = np.zeros((8, 8, 3), np.uint8)
   image[:, :4] = 255
   example = {"image": image, "labels": np.array([0.0, 1.0], np.float32),
@@ -298,7 +298,8 @@ def test_configs_resolve_on_the_seeds_file_formats(tmp_path, vocab, module, data
               "ViT-B/16", 16, True, 2, 0.5, 64, 50)
   assert (config.optim.name, config.optim.lr, config.optim.momentum,
           config.optim.weight_decay) == ("sgd", 5e-4, 0.9, 1e-4)
-  assert config.pp.mean == preprocess.IMAGENET_MEAN and config.pp.train_augment == "resize_flip"
+  assert config.pp.train == "resize(224)|flip_lr|value_range(0, 1)|normalize('imagenet')"
+  assert config.pp.eval == "resize(224)|value_range(0, 1)|normalize('imagenet')"
   config.model.vocab_path = vocab  # real runs pass OpenAI's bpe_simple_vocab_16e6.txt.gz
   data = train.build_data(config, lmpt.source_kwargs(config))
   assert data.source.num_classes == classes

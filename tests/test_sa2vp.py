@@ -203,7 +203,8 @@ def test_vtab_config_tables(task):
   assert config.batch_size == (64 if group == "natural" else 40)
   assert config.optim.lr == (5e-4 if task in ("oxford_iiit_pet", "clevr_count") else 1e-3)
   assert (config.optim.name, config.optim.weight_decay, config.optim.min_lr) == ("adamw", 1e-4, 1e-7)
-  assert config.pp.mean == config.pp.std == (0.5, 0.5, 0.5)
+  assert config.pp.train == config.pp.eval == (
+      "resize(224, antialias=False)|value_range(0, 1)|normalize('inception')")
   assert config.dataset == f"vtab/{task}" and config.eval_splits == ("test",)
 
 

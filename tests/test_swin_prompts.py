@@ -360,7 +360,7 @@ def test_vtab_configs(task):
   assert config.model.drop_path_rate == 0.2
   assert config.batch_size == (64 if group == "natural" else 40)
   assert config.optim.lr == 1e-3 and config.optim.name == "adamw"
-  assert config.pp.image_size == 224 and config.pp.mean == (0.5, 0.5, 0.5)
+  assert config.pp.image_size == 224 and config.pp.eval.endswith("normalize('inception')")
   assert config.dataset == f"vtab/{task}" and config.eval_splits == ("test",)
 
   vpt = vpt_swin_vtab.get_config(f"task={task},shallow")

@@ -104,7 +104,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match="non-finite") as error:
     train.train_and_evaluate(config, str(tmp_path))
   step, params = _final_trainable(str(tmp_path))
-  assert f"step {step})" in str(error.value)
+  assert f"The last finite checkpoint is step {step}," in str(error.value)
   assert all(np.isfinite(v).all() for v in params.values())
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
-import zipfile
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -358,7 +356,8 @@ def normalize(x, axis: int = -1):
 # Pretrained weights.
 #
 # OpenAI's `.pt` files (`clip.load` downloads them) are TorchScript archives; `read_state_dict`
-# opens those with `torch.jit.load` and everything else (plain state dicts, `.safetensors`) with
+# reads their tensors without running their code (`common.read_torchscript_state_dict`, not
+# `torch.jit.load`), and everything else (plain state dicts, `.safetensors`) with
 # `common.load_torch_state_dict`. transformers' `CLIPModel` names are mapped to OpenAI's first.
 # ---------------------------------------------------------------------------------------------
 
@@ -538,30 +537,17 @@ def convert_openai_clip(state_dict: dict[str, np.ndarray], *, vision_heads: int,
   return common.unflatten(flat)
 
 
-def _is_torchscript_archive(path: str) -> bool:
-  """TorchScript zips hold 'code/' and 'constants.pkl'; `torch.save` zips do not."""
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as archive:
-    return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
-
-
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads CLIP weights into numpy: an OpenAI TorchScript archive (`torch.jit.load` on CPU, then
-  `.state_dict()`, as `clip.load` does), or any file `common.load_torch_state_dict` reads (a plain
-  OpenAI or transformers state dict: `.pt`/`.pth`/`.bin` with weights_only=True, `.safetensors`).
-  float16/bfloat16 stay as stored (bfloat16 becomes float32); `merge_params` casts later."""
+  """Reads CLIP weights into numpy: an OpenAI TorchScript archive (the state dict that
+  `torch.jit.load(path).state_dict()` gives, read by `common.read_torchscript_state_dict` without
+  torch and without running the archive's code), or any file `common.load_torch_state_dict` reads
+  (a plain OpenAI or transformers state dict: `.pt`/`.pth`/`.bin` with weights_only=True,
+  `.safetensors`). float16 stays as stored (bfloat16 becomes float32); `merge_params` casts
+  later. An unreadable file is a ValueError naming it and the expected format."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"CLIP checkpoint {path!r} does not exist.")
-  if not _is_torchscript_archive(path):
-    return common.load_torch_state_dict(path)
-  import torch  # test-only dependency
-  with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript, OpenAI's format
-    warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-    state = torch.jit.load(path, map_location="cpu").state_dict()
-  return {name: (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
-          for name, t in state.items()}
+  return common.load_torch_state_dict(path)  # TorchScript archives included
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], *, vision_heads: int, text_heads: int,

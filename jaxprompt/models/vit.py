@@ -354,13 +354,14 @@ def load_google_vit_npz(path: str) -> dict:
 
   Keys follow google-research/vision_transformer `vit_jax/checkpoint.py`: e.g.
   `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel` (D, H, D/H). The
-  upstream `head/*` and `pre_logits/*` are returned too; `load` decides what to drop.
+  upstream `head/*` and `pre_logits/*` are returned too; `load` decides what to drop. Read with
+  `common.load_npz` (allow_pickle=False): a truncated, non-zip or object-array file is one
+  ValueError naming it.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"ViT checkpoint {path!r} does not exist.")
-  with np.load(path, allow_pickle=False) as npz:
-    return common.unflatten({name: npz[name] for name in npz.files})
+  return common.unflatten(common.load_npz(path))
 
 
 def _hf_to_ours(name: str) -> Optional[str]:

@@ -1,8 +1,8 @@
 """CoOp (Zhou et al., IJCV 2022, "Learning to Prompt for Vision-Language Models", arXiv 2109.01134):
 learned context vectors in front of (or around) each class name, on a frozen CLIP.
 
-Follows KaiyangZhou/CoOp `trainers/coop.py` (`PromptLearner`, `TextEncoder`, `CustomCLIP`) as
-distilled in `shared/specs/coop_rpl_lmpt_detailed.md` §2:
+Follows KaiyangZhou/CoOp `trainers/coop.py` (`PromptLearner`, `TextEncoder`, `CustomCLIP`)
+(paper §3.2):
 
   * the context `prompt_learner/ctx` is the only trained tensor: (n_ctx, W) shared by all classes,
     or (num_classes, n_ctx, W) class-specific (`csc=True`); drawn from N(0, 0.02²), or, with
@@ -22,6 +22,16 @@ ranges of named context blocks. CoOp's three layouts are one-block instances; RP
 [SOS][ctx1][name][ctx2][description][.][EOT] is the same machinery with two blocks
 (`PromptLearner` holds any number of blocks), and both share `PromptCLIP`, which differs per method
 only in `build_prompts` (`prompts/rpl.py`).
+
+Tokenisation as the originals: CoOp (`PromptLearner.__init__`), LMPT (`lmpt/coop_model.py`, the
+same code) and RPL `clip.tokenize` the whole prompt string, e.g. 'X X X X {name}.', once, so a
+name ending in punctuation merges with the final '.' wherever CLIP's BPE has that merge
+(')' + '.' -> ').', id 1818 in OpenAI's vocabulary). Hence the text between two contexts is one
+string, encoded once (adjacent text segments are joined before encoding); a context, the 'X'
+words of the originals, is whitespace-separated from its neighbours, and CLIP's pre-tokeniser
+never merges across whitespace, so the fixed ids equal those of the whole string. CoOp's
+'middle' and 'front' cut the whole string's tokens of '{name}.' after `len(encode(name))` ids
+(its `name_lens`), which `coop_segments` reproduces with `Tokens` segments.
 
 Deliberate deviations:
   * fp32 throughout (CoOp's default runs CLIP and the context in fp16); `compute_dtype` may be
@@ -43,7 +53,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.models import clip, clip_tokenizer
+from jaxprompt.models import clip, clip_tokenizer, common
 
 # Parameters that train; everything else (CLIP, logit scale included) is frozen.
 TRAINABLE_PARAMS = r"prompt_learner/.*"
@@ -84,7 +94,15 @@ class Context:
   stop: int
 
 
-Segment = Union[str, Context]  # a str is text, tokenised without SOT/EOT and frozen
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """A prompt segment of fixed, already tokenised ids (a cut of a string tokenised as a whole)."""
+  ids: tuple[int, ...]
+
+
+# A str is text, tokenised without SOT/EOT and frozen; adjacent strs are joined and tokenised as
+# one string, as the originals tokenise the whole prompt (see the module docstring).
+Segment = Union[str, Context, Tokens]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +129,8 @@ def build_layout(tokenizer, prompts: Sequence[Sequence[Segment]],
   """Lays out one prompt per class, [SOT] + segments + [EOT], zero-padded to the context length.
 
   `prompts[c]` is the segment list of class c; a `Context` segment names a block of `blocks`.
+  Each run of adjacent str segments is joined ('' separator) and encoded once, so the ids equal
+  those of the whole prompt string (module docstring); `Tokens` segments are used as they are.
   Raises a ValueError naming the prompt when it does not fit the tokenizer's context length.
   """
   by_name = {block.name: block for block in blocks}
@@ -123,9 +143,9 @@ def build_layout(tokenizer, prompts: Sequence[Sequence[Segment]],
   eot_index = np.zeros((len(prompts),), np.int32)
   for c, segments in enumerate(prompts):
     ids, rows = [tokenizer.sot_token_id], [-1]
-    for segment in segments:
-      if isinstance(segment, str):
-        text_ids = tokenizer.encode(segment)
+    for segment in _join_text(segments):
+      if isinstance(segment, (str, Tokens)):
+        text_ids = tokenizer.encode(segment) if isinstance(segment, str) else list(segment.ids)
         ids += text_ids
         rows += [-1] * len(text_ids)
         continue
@@ -143,7 +163,7 @@ def build_layout(tokenizer, prompts: Sequence[Sequence[Segment]],
     rows.append(-1)
     if len(ids) > length:
       text = " ".join(s if isinstance(s, str) else f"<{s.block}[{s.start}:{s.stop}]>"
-                      for s in segments)
+                      if isinstance(s, Context) else f"<ids {list(s.ids)}>" for s in segments)
       raise ValueError(f"Prompt {c} ({text!r}) is {len(ids)} tokens with SOT, context and EOT, "
                        f"more than the context length {length}; shorten the class name or the "
                        f"context.")
@@ -151,6 +171,17 @@ def build_layout(tokenizer, prompts: Sequence[Sequence[Segment]],
     context_index[c, :len(rows)] = rows
     eot_index[c] = len(ids) - 1
   return PromptLayout(token_ids, context_index, eot_index)
+
+
+def _join_text(segments: Sequence[Segment]) -> list[Segment]:
+  """`segments` with every run of adjacent str segments joined into one str."""
+  joined = []
+  for segment in segments:
+    if isinstance(segment, str) and joined and isinstance(joined[-1], str):
+      joined[-1] += segment
+    else:
+      joined.append(segment)
+  return joined
 
 
 class PromptLearner(nn.Module):
@@ -184,16 +215,25 @@ class PromptLearner(nn.Module):
 # CoOp.
 
 
-def coop_segments(class_name: str, n_ctx: int, position: str) -> list[Segment]:
-  """CoOp's prompt of one class around context block 'ctx' (see the module docstring)."""
+def coop_segments(class_name: str, n_ctx: int, position: str, tokenizer) -> list[Segment]:
+  """CoOp's prompt of one class around context block 'ctx' (see the module docstring).
+
+  As `PromptLearner.__init__` of CoOp: the fixed ids are those of '{name}.' tokenised as part of
+  'X X X X {name}.' (one string, so ')' and '.' may merge), and 'middle'/'front' put the context
+  after the first `len(encode(name))` of them (CoOp's `name_lens`: the name encoded alone).
+  """
+  if position not in CLASS_TOKEN_POSITIONS:
+    raise ValueError(f"class_token_position={position!r}: expected one of "
+                     f"{CLASS_TOKEN_POSITIONS}.")
   if position == "end":
     return [Context("ctx", 0, n_ctx), class_name, "."]
+  ids = tuple(tokenizer.encode(f"{class_name}."))
+  name_len = len(tokenizer.encode(class_name))
+  name, suffix = Tokens(ids[:name_len]), Tokens(ids[name_len:])
   if position == "middle":
     half = n_ctx // 2
-    return [Context("ctx", 0, half), class_name, Context("ctx", half, n_ctx), "."]
-  if position == "front":
-    return [class_name, Context("ctx", 0, n_ctx), "."]
-  raise ValueError(f"class_token_position={position!r}: expected one of {CLASS_TOKEN_POSITIONS}.")
+    return [Context("ctx", 0, half), name, Context("ctx", half, n_ctx), suffix]
+  return [name, Context("ctx", 0, n_ctx), suffix]
 
 
 @functools.lru_cache(maxsize=16)
@@ -215,7 +255,8 @@ def coop_prompts(vocab_path: str, context_length: int, class_names: tuple[str, .
     raise ValueError(f"n_ctx must be >= 1; got {n_ctx}.")
   blocks = (ContextBlock("ctx", n_ctx, class_specific=csc, init_ids=init_ids),)
   names = [name.replace("_", " ") for name in class_names]
-  layout = build_layout(tokenizer, [coop_segments(n, n_ctx, position) for n in names], blocks)
+  layout = build_layout(tokenizer, [coop_segments(n, n_ctx, position, tokenizer) for n in names],
+                        blocks)
   return layout, blocks
 
 
@@ -283,6 +324,12 @@ class Model(PromptCLIP):
   ctx_init: str = ""
   csc: bool = False
   class_token_position: str = "end"
+
+  def __post_init__(self):
+    common.require(self, n_ctx=(self.n_ctx >= 1, "an integer >= 1"),
+                   class_token_position=(self.class_token_position in ("end", "middle", "front"),
+                                         "'end', 'middle' or 'front'"))
+    super().__post_init__()
 
   def build_prompts(self):
     return coop_prompts(self.vocab_path, self.clip.context_length, tuple(self.class_names),

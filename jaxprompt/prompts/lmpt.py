@@ -4,11 +4,11 @@ long-tailed multi-label loss plus a class-specific embedding loss that ties each
 to the captions of the images that show it.
 
 Follows Richard88888/LMPT `lmpt/coop_model.py` (`PromptLearner`, `CustomCLIP`), `lmpt/train.py`
-and `lmpt/csel.py`, as distilled in `shared/specs/lmpt.md` and
-`shared/specs/coop_rpl_lmpt_detailed.md` §4:
+and `lmpt/csel.py` (the method section of the paper):
 
   * the model is CoOp (`coop.Model`) with class-specific contexts (`csc=True`, which the seed
-    cannot switch off), 16 random contexts, class token at the end; logits = exp(logit_scale) ·
+    cannot switch off), 16 random contexts, class token at the end, the prompt 'X×16 {name}.'
+    tokenised as one string as in the seed (`coop.py`); logits = exp(logit_scale) ·
     cos(image, text) (B, C), used as multi-label logits. Only `prompt_learner/ctx` trains.
   * the loss (`make_loss`) is λ·L_cls + (1 − λ)·L_cse with λ = `lam` = 0.5: L_cls is the seed's
     `--loss_function` (`losses.make_classification_loss`; default 'dbl', the distribution-balanced

@@ -3,8 +3,7 @@ Open-vocabulary Detection using Uncurated Images", arXiv 2203.16513): two learne
 around each category's name and its description, on a frozen CLIP, trained on object crops.
 
 Follows fcjian/RPL `trainers/rpl.py` (`PromptLearner`, `CustomCLIP`) and
-`tools/promptdet/gen_category_embedding.py`, as distilled in `shared/specs/rpl.md` and
-`shared/specs/coop_rpl_lmpt_detailed.md` §3:
+`tools/promptdet/gen_category_embedding.py`:
 
   * a category is 'name_which_is_description' (the second field of a line of RPL's
     `classnames.txt` / `lvis_category_and_description.txt`), split on the literal '_which_is_',
@@ -31,6 +30,7 @@ from __future__ import annotations
 import functools
 
 from input_pipeline import object_crops
+from jaxprompt.models import common
 from jaxprompt.prompts import coop
 
 TRAINABLE_PARAMS = coop.TRAINABLE_PARAMS  # prompt_learner/ctx1 and prompt_learner/ctx2
@@ -98,6 +98,10 @@ class Model(coop.PromptCLIP):
   n_ctx: int = 1
   descriptions_file: str = ""
   METHOD = "RPL"
+
+  def __post_init__(self):
+    common.require(self, n_ctx=(self.n_ctx >= 1, "an integer >= 1"))
+    super().__post_init__()
 
   def build_prompts(self):
     entries = resolve_categories(self.class_names, self.descriptions_file)

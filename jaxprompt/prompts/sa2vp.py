@@ -1,8 +1,7 @@
 """SA2VP: spatially aligned-and-adapted visual prompt (Pei et al., AAAI 2024, arXiv 2312.10376), ViT.
 
 Follows tommy-xq/SA2VP `vpt_main/src/models/vit_backbones/vit_tinypara.py` (the reference, not the
-`_acc` variant) and `vit_train_sa2vp.py` / `engine_for_train.py`, as distilled in
-`shared/specs/sa2vp_vpt_detailed.md` §1 (paper §3):
+`_acc` variant) and `vit_train_sa2vp.py` / `engine_for_train.py` (paper §3):
 
   * a second token stream, the *prompt map* (B, 1 + N, D), aligned one to one with the image
     tokens: `Dense_{d->D}(ppt) + pos_embedding`, ppt (1, 1 + N, d) ~ N(0, 0.02^2), then the
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt import optim
-from jaxprompt.models import vit
+from jaxprompt.models import common, vit
 
 # Parameters that train: the prompt maps and their projections, the cross adapters' LayerNorm and
 # bottleneck MLP, the deep prompts' channel scales, and the head. The rest (ViT) is frozen.
@@ -168,6 +167,11 @@ class Model(nn.Module):
   deep_prompt_layers: tuple[int, ...] = (4, 8)  # (4,) for Stanford Cars, per the seed's comment
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    common.require(self, inter_dim=(self.inter_dim >= 1, "an integer >= 1"),
+                   dropout=(0.0 <= self.dropout < 1.0, "a rate in [0, 1)"))
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

@@ -1,8 +1,8 @@
 """SA2VP (Pei et al., AAAI 2024, arXiv 2312.10376) on Swin-B.
 
 Follows tommy-xq/SA2VP `vpt_main/src/models/vit_backbones/swin_transformer_tinypara.py`,
-`build_swin_backbone.py` (`swinb_imagenet22k_224`) and `vit_train_swin.py`, as distilled in
-`shared/specs/sa2vp_vpt_detailed.md` §2; the ViT version and the shared pieces are in `sa2vp.py`.
+`build_swin_backbone.py` (`swinb_imagenet22k_224`) and `vit_train_swin.py` (paper §3 and its Swin
+experiments); the ViT version and the shared pieces are in `sa2vp.py`.
 
   * the prompt map (B, H/4, W/4, 128) = patch-embed LN(Dense_{d->128}(deep_ppt)), deep_ppt
     (1, 56*56, d) ~ N(0, 0.02^2); no position embedding (Swin has none);
@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.models import swin
+from jaxprompt.models import common, swin
 from jaxprompt.prompts import sa2vp
 
 # Trainable: the prompt map and its projection, the cross adapters' LN and MLP, the head.
@@ -111,6 +111,13 @@ class Model(swin.Model):
   cross_layer_norm_eps: float = 1e-6
   drop_path_rate: float = 0.2
   head_zeroinit: bool = False
+
+  def __post_init__(self):
+    common.require(self, inter_dim=(self.inter_dim >= 1, "an integer >= 1"),
+                   dropout=(0.0 <= self.dropout < 1.0, "a rate in [0, 1)"),
+                   prompt_queries_image_every=(self.prompt_queries_image_every >= 1,
+                                               "an integer >= 1"))
+    super().__post_init__()
 
   def make_patch_embed(self) -> PromptMapEmbed:
     embed_dim = swin.decode_variant(self.variant)["embed_dim"]

@@ -1,8 +1,7 @@
 """Visual Prompt Tuning (Jia et al., ECCV 2022, arXiv 2203.12119), shallow and deep, on ViT.
 
 Follows KMnP/vpt `src/models/vit_prompt/vit.py` (`PromptedTransformer`) and
-`src/models/vit_models.py` (head), as distilled in `shared/specs/vpt.md` and
-`sa2vp_vpt_detailed.md` §5:
+`src/models/vit_models.py` (head) (paper §3.2):
 
   * after patch + position embedding the sequence is `[CLS, P_1..P_N, patch_1..patch_M]`;
     prompts get no position embedding and pass through prompt dropout;
@@ -25,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.models import vit
+from jaxprompt.models import common, vit
 
 # Parameters that train; everything else (the ViT backbone) is frozen.
 TRAINABLE_PARAMS = r"prompt_embeddings|deep_prompt_embeddings|head/.*"
@@ -51,6 +50,11 @@ class Model(nn.Module):
   prompt_dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    common.require(self, num_prompts=(self.num_prompts >= 1, "an integer >= 1"),
+                   prompt_dropout=(0.0 <= self.prompt_dropout < 1.0, "a rate in [0, 1)"))
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

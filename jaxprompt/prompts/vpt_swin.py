@@ -2,8 +2,7 @@
 
 Follows KMnP/vpt `src/models/vit_prompt/swin_transformer.py` (`PromptedSwinTransformer`,
 `PromptedSwinTransformerBlock`, `PromptedWindowAttention`, `PromptedPatchMerging`, location
-"prepend") and `src/models/vit_models.py` (head), as distilled in `shared/specs/
-sa2vp_vpt_detailed.md` §5.5; the ViT version is `vpt.py`.
+"prepend") and `src/models/vit_models.py` (head) (VPT paper §3.2 and appendix); the ViT version is `vpt.py`.
 
   * P prompt tokens of width 128 are put in front of the 56*56 patch tokens after the patch
     embedding; init U(-v, v), v = sqrt(6 / (3 * 4 * 4 + 128)), the same v at every stage;
@@ -34,7 +33,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxprompt.models import swin
+from jaxprompt.models import common, swin
 from jaxprompt.prompts import vpt
 
 # Parameters that train; everything else (the Swin backbone) is frozen.
@@ -65,6 +64,11 @@ class Model(swin.Model):
   num_prompts: int = 10
   deep: bool = True
   prompt_dropout: float = 0.0
+
+  def __post_init__(self):
+    common.require(self, num_prompts=(self.num_prompts >= 1, "an integer >= 1"),
+                   prompt_dropout=(0.0 <= self.prompt_dropout < 1.0, "a rate in [0, 1)"))
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

@@ -32,14 +32,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
-def base_config(*, model_name: str, model: dict) -> ml_collections.ConfigDict:
-  """The spine's settings every config shares; method configs set data, optimizer and schedule."""
+def base_config(*, model_name: str, model: dict,
+                model_init_parts: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The spine's settings every config shares; method configs set data, optimizer and schedule.
+
+  `model_init` is one path, or with `model_init_parts` (a method whose parts load from their own
+  files: GLIP's Swin and BERT, ClipCap's CLIP and GPT-2) a dict part -> path, each set on the
+  command line as `--config.model_init.<part>=PATH`; parts left '' keep their init."""
   config = ml_collections.ConfigDict()
   config.seed = 42
   config.mode = "train"  # or 'eval': evaluate the workdir's latest checkpoint
   config.model_name = model_name
   config.model = ml_collections.ConfigDict(model)
-  config.model_init = ""  # pretrained backbone weights (see the method's `load`)
+  config.model_init = ml_collections.ConfigDict({part: "" for part in model_init_parts}) \
+      if model_init_parts else ""  # pretrained weights (the method's `loaders`)
   config.trainable_params = ""  # '' = the method's own TRAINABLE_PARAMS regex
   config.compute_dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
   config.data_dir = ""  # TFDS data_dir; '' = TFDS default
@@ -49,7 +55,11 @@ def base_config(*, model_name: str, model: dict) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(num_devices=0, model=1))  # 0 = all devices
   config.param_sharding = "replicate"  # or 'fsdp'
   config.log_every_steps = 50
-  config.eval_every_steps = 0  # 0: only at the end
+  # Evaluators by name (jaxprompt/evaluators/): {type, split, every_steps | every_epochs, ...};
+  # their metrics are '{name}/{metric}'. `evals(...)` below makes the usual ones.
+  config.evals = ml_collections.ConfigDict()
+  config.keep_best = ()  # (metric, 'max'|'min'): also keep the best checkpoint by that metric
+  config.eval_at_best = ()  # evaluator names rerun with the best checkpoint's params at the end
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   # A rerun resumes the workdir's run only when its state-shaping settings match the workdir's
@@ -59,11 +69,23 @@ def base_config(*, model_name: str, model: dict) -> ml_collections.ConfigDict:
   return config
 
 
+def evals(*splits: str, type: str = "classification",  # pylint: disable=redefined-builtin
+          **settings) -> ml_collections.ConfigDict:
+  """`config.evals` with one evaluator of `type` per split, named after the split (so the metrics
+  are 'test/accuracy', 'val/mAP', ...); `settings` go to every one (e.g. every_epochs=1)."""
+  return ml_collections.ConfigDict(
+      {split: dict(type=type, split=split, **settings) for split in splits})
+
+
 def optimizer(name: str, lr: float, weight_decay: float, **kw) -> ml_collections.ConfigDict:
-  """`config.optim` with every key the spine reads (see jaxprompt/optim.py)."""
+  """`config.optim` with every key the spine reads (see jaxprompt/optim.py).
+
+  param_groups is a tuple of (name, dict(regex=..., lr_mult=1.0, weight_decay=None)) pairs, first
+  match wins (a tuple, as ConfigDict sorts a dict's keys); schedule_unit 'epoch' is CoOp's
+  per-epoch (Dassl) cosine, 'step' the per-step one."""
   settings = dict(name=name, lr=lr, momentum=0.9, weight_decay=weight_decay, no_weight_decay="",
                   warmup_epochs=0, warmup_steps=0, min_lr=0.0, grad_clip_norm=0.0,
-                  grad_accum_steps=1)
+                  grad_accum_steps=1, param_groups=(), schedule_unit="step")
   unknown = set(kw) - set(settings)
   if unknown:
     raise ValueError(f"Unknown optimizer settings {sorted(unknown)}; valid: {sorted(settings)}.")
@@ -75,7 +97,7 @@ def use_embedded_demo(config, *, norm: str, variant: str = "mu/4", epochs: int =
   """The out-of-the-box run: generated 32 px shapes, a tiny ViT trained from its random init;
   VTAB's preprocessing at 32 px with the caller's normalisation (`norm`: a `normalize` preset)."""
   config.dataset = "embedded/shapes"
-  config.train_split, config.eval_splits = "train", ("test",)
+  config.train_split, config.evals = "train", evals("test")
   config.model.variant = variant
   config.pp.image_size = 32
   config.pp.train = config.pp.eval = vtab_pp(32, norm)
@@ -92,6 +114,7 @@ def apply_runlocal(config) -> None:
   config.eval_batch_size = 8
   config.optim.warmup_epochs = 0
   config.optim.warmup_steps = 1
+  config.optim.schedule_unit = "step"  # a one-step warmup is no whole epoch
   config.log_every_steps = 2
 
 
@@ -109,13 +132,19 @@ def fgvc_pp(size: int, norm: str) -> tuple[str, str]:
   return (f"{resize}|random_crop({size})|flip_lr|{tail}", f"{resize}|center_crop({size})|{tail}")
 
 
-def coop_recipe(config) -> None:
-  """CoOp's training recipe, which RPL and the CLIP demos share: CLIP mean/std at 224 px with
-  resize-crop-flip, SGD lr 0.002 (momentum 0.9, wd 5e-4) after one warmup epoch held at 1e-5,
-  then cosine; batch 32 (evaluation 100)."""
-  train_pp, eval_pp = fgvc_pp(224, "clip")
-  config.pp = ml_collections.ConfigDict(dict(image_size=224, train=train_pp, eval=eval_pp))
-  config.optim = optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9, warmup_epochs=1)
+def coop_recipe(config, *, crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
+  """CoOp's training recipe, which RPL and the CLIP demos share (Dassl's `build_transform` and
+  `lr_scheduler.py` as CoOp configures them): train images through RandomResizedCrop(224,
+  `crop_scale`, bicubic) and a flip, test images resized (shorter side, bicubic) and
+  center-cropped, CLIP mean/std; SGD lr 0.002 (momentum 0.9, wd 5e-4), one warmup epoch held at
+  1e-5, then a cosine stepped once per epoch; batch 32 (evaluation 100)."""
+  tail = "value_range(0, 1)|normalize('clip')"
+  config.pp = ml_collections.ConfigDict(dict(
+      image_size=224,
+      train=f"random_resized_crop(224, scale={tuple(crop_scale)})|flip_lr|{tail}",
+      eval=f"resize_shorter_side(224, method='bicubic')|center_crop(224)|{tail}"))
+  config.optim = optimizer("sgd", lr=0.002, weight_decay=5e-4, momentum=0.9, warmup_epochs=1,
+                           schedule_unit="epoch")
   config.optim.warmup_init = 1e-5
   config.optim.warmup_type = "constant"
   config.batch_size, config.eval_batch_size = 32, 100
@@ -132,3 +161,4 @@ def use_tiny_clip(config, *, variant: str, paper_variant: str) -> None:
   config.pp.image_size = 32
   config.eval_batch_size = 250
   config.optim.warmup_type = "linear"
+  config.optim.schedule_unit = "step"  # as the demo numbers were measured

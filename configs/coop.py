@@ -21,14 +21,15 @@ lr 0.002, weight decay 5e-4 on the context, cosine decay, 1 warmup epoch at 1e-5
 100), 50 epochs for 1 shot, 100 for 2 and 4, 200 for 8 and 16 (ImageNet: 50 for all); the last
 model is evaluated and CoOp reports the mean over seeds 1, 2, 3. CLIP mean/std.
 
-Deviations, all from the shared trainer and preprocessing: the warmup ramps linearly from 1e-5 to
-0.002 over the first epoch (CoOp: constant 1e-5 for it) and the cosine is stepped per step (CoOp:
-per epoch); augmentation is resize 256 + random crop 224 + flip, evaluation resize 256 + center
-crop 224 (CoOp: RandomResizedCrop(224, scale (0.08, 1)) + flip, and resize 224 + center crop).
+Schedule and augmentation as Dassl runs them (`configs/common.coop_recipe`): the cosine is
+stepped once per epoch after the constant warmup epoch; RandomResizedCrop(224, scale (0.08, 1),
+bicubic) + flip for training, resize 224 (bicubic) + center crop for evaluation. The embedded demo
+keeps a per-step schedule with a linear warmup and plain 32 px resizes (see
+`common.use_tiny_clip`).
 
 Expected results: CoOp's paper figures use RN50 (e.g. ImageNet 16 shots 62.95%, per its issue
-#88), which this port cannot run yet (ViT towers only), so no figure is promised for the real
-datasets. The demo's CLIP is random, so its zero-shot accuracy is chance: measured (seed 1, test
+#88): `variant=RN50` runs it (its BatchNorm statistics frozen, as CoOp's CLIP stays in eval mode)
+given OpenAI's RN50 weights; those weights cannot be fetched here, so the figure is not checked. The demo's CLIP is random, so its zero-shot accuracy is chance: measured (seed 1, test
 split of 1000), "a photo of a {}." 0.098 and the 7-template ensemble 0.099; CoOp after its 200
 epochs (1000 steps) 0.425, the train loss 2.28 -> 1.51 (about 30 s on 2 CPU cores). With
 init=a_photo_of_a 0.444, csc 0.450, position=middle 0.452.
@@ -53,7 +54,7 @@ def get_config(arg=None):
   config.num_epochs = 50 if arg.imagenet else EPOCHS_PER_SHOTS.get(arg.shots, 200)
   config.dataset_kwargs = ml_collections.ConfigDict(
       dict(shots=arg.shots, seed=arg.seed) if arg.shots else {})
-  config.train_split, config.eval_splits = "train", ("test",)
+  config.train_split, config.evals = "train", common.evals("test")
   config.log_every_steps = 100
 
   if arg.dataset:

@@ -20,7 +20,7 @@ Arguments: data (the seed's data/ folder; '' = the demo), variant (CLIP, ViT onl
 m_ctx (2), csc (True; the seed cannot turn it off), init (ctx_init words, e.g. a_photo_of_a;
 needs csc=False), position (end|middle|front), loss (the seed's --loss_function, dbl), lam (0.5),
 count_transform (raw|softmax) and sign (as_coded|hinge_embedding) of the embedding loss (see
-jaxprompt/losses.py), baseline (''|coop|finetune), seed (0), runlocal.
+jaxprompt/prompts/lmpt_losses.py), baseline (''|coop|finetune), seed (0), runlocal.
 
 The recipe is the seed's README/train.sh: CLIP ViT-B/16, n_ctx 16, m_ctx 2, class token at the
 end, random context, --loss_function dbl (VOC-LT settings: neg_scale 5.0, map γ 0.3), --cseloss
@@ -94,8 +94,11 @@ def lmpt_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   config.optim.plateau = seed_plateau()
   config.batch_size, config.eval_batch_size = 64, 64
   config.num_epochs = 50
-  config.eval_every_epochs = 1
-  config.train_split, config.eval_splits = "train", ("test",)
+  # The seed evaluates test after every epoch and reports the best mAP (its plateau rule steps on
+  # it too): keep_best follows that report.
+  config.train_split = "train"
+  config.evals = common.evals("test", type="multilabel", every_epochs=1)
+  config.keep_best = ("test/mAP", "max")
   config.log_every_steps = 50
 
   if arg.baseline == "coop":
@@ -116,8 +119,8 @@ def lmpt_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
     config.pp.train, config.pp.eval = lmpt_pp(config.pp.image_size)
   if arg.runlocal:
     common.apply_runlocal(config)
-    config.eval_every_epochs = 0
-    config.eval_every_steps = 2
+    config.evals.test.every_epochs = 0
+    config.evals.test.every_steps = 2
   return config
 
 

@@ -24,11 +24,10 @@ n_ctx 1; SGD lr 0.002, momentum 0.9, weight decay 5e-4 (Dassl's defaults) on ctx
 cosine over 6 epochs with 1 warmup epoch starting at 1e-5; batch 32 (eval 100); every image of
 every class (600 shots >= the largest class); seed 3; val is the evaluation split.
 
-Deviations, all from the shared trainer and preprocessing (as in configs/coop.py): the warmup
-ramps linearly from 1e-5 to 0.002 over the first epoch (RPL: constant 1e-5 for it) and the cosine
-is stepped per step (RPL: per epoch); augmentation is resize 256 + random crop 224 + flip,
-evaluation resize 256 + center crop 224 (RPL: RandomResizedCrop(224, scale (0.4, 1), bicubic) +
-flip, and resize 224 + center crop).
+Schedule and augmentation as RPL's Dassl runs them (`configs/common.coop_recipe`): the constant
+warmup epoch at 1e-5, then a cosine stepped once per epoch; RandomResizedCrop(224, scale (0.4, 1),
+bicubic) + flip for training, resize 224 (bicubic) + center crop for evaluation. The embedded demo
+keeps the per-step schedule with a linear warmup and plain 32 px resizes.
 
 Expected results: RPL's product is the category embeddings; PromptDet reports detector mask
 AP_novel on LVIS (manual prompt 7.4 -> RPL 11.5 -> RPL + self-training 19.5, 1x schedule), which
@@ -60,8 +59,8 @@ def get_config(arg=None):
   config.seed = arg.seed
   config.dataset = "folder"
   config.dataset_kwargs = ml_collections.ConfigDict(dict(root=data))
-  config.train_split, config.eval_splits = "train", ("val",)
-  common.coop_recipe(config)
+  config.train_split, config.evals = "train", common.evals("val")
+  common.coop_recipe(config, crop_scale=(0.4, 1.0))  # RPL's INPUT.CROP_SCALE
   config.num_epochs = 6
   config.log_every_steps = 50
 

@@ -24,10 +24,8 @@ def get_config(arg=None):
   if arg.dataset:
     if arg.dataset not in hta.HTA_DATASETS:
       raise ValueError(f"Unknown HTA dataset {arg.dataset!r}; valid: {list(hta.HTA_DATASETS)}.")
-    if arg.mode not in sa2vp_fgvc.MODES:
-      raise ValueError(f"Unknown mode {arg.mode!r}; valid: {sorted(sa2vp_fgvc.MODES)}.")
     config.dataset = f"hta/{arg.dataset}"
-    config.train_split, config.eval_splits = sa2vp_fgvc.MODES[arg.mode]
+    sa2vp_fgvc.apply_mode(config, arg.mode)
   else:
     sa2vp_vtab.use_embedded_demo(config)
   if arg.runlocal:

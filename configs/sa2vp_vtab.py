@@ -90,8 +90,9 @@ def get_config(arg=None):
     config.optim.lr = TASK_LR.get(arg.task, 1e-3)
     config.eval_batch_size = 4 * config.batch_size
     config.dataset = f"{'vtab1k_files' if arg.files else 'vtab'}/{arg.task}"
-    config.train_split, config.eval_splits = (
+    config.train_split, splits = (
         ("train800", ("val200",)) if arg.split == "val" else ("train800val200", ("test",)))
+    config.evals = common.evals(*splits)
   else:
     use_embedded_demo(config)
   if arg.runlocal:

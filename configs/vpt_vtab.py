@@ -36,8 +36,9 @@ def get_config(arg=None):
 
   if arg.task:
     config.dataset = f"vtab/{arg.task}"
-    config.train_split, config.eval_splits = (
+    config.train_split, splits = (
         ("train800", ("val200",)) if arg.split == "val" else ("train800val200", ("test",)))
+    config.evals = common.evals(*splits)
   else:
     common.use_embedded_demo(config, norm="imagenet")
     config.optim.lr = 0.5

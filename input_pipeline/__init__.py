@@ -9,6 +9,8 @@ pipeline knows nothing about models.
 """
 from __future__ import annotations
 
+import functools
+
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.embedded import ShapesSource
 from input_pipeline.embedded_clip import NamedShapesSource
@@ -20,29 +22,48 @@ from input_pipeline.multilabel_lt import MULTILABEL_LT_DATASETS, MultilabelLtSou
 from input_pipeline.vtab import VTAB_TASKS, VtabSource
 from input_pipeline.vtab_files import VtabFilesSource
 
-SOURCE_NAMES = (*(f"vtab/{task}" for task in VTAB_TASKS),
-                *(f"vtab1k_files/{task}" for task in VTAB_TASKS),
-                *(f"fgvc/{dataset}" for dataset in FGVC_DATASETS),
-                *(f"hta/{dataset}" for dataset in HTA_DATASETS),
-                *(f"multilabel/{dataset}" for dataset in MULTILABEL_LT_DATASETS), "folder",
-                "embedded/shapes", "embedded/named_shapes", "embedded/multilabel_lt")
+def _family(prefix: str, members, make) -> dict:
+  """'{prefix}/{member}' -> a factory (data_dir=None, **kwargs) -> source, for each member."""
+  return {f"{prefix}/{m}": functools.partial(make, m) for m in members}
+
+
+def _folder(*, data_dir=None, **kwargs) -> DataSource:
+  if "root" not in kwargs:
+    raise ValueError("Data source 'folder' needs root=... (root/<split>/<class_name>/*.jpg); "
+                     f"got kwargs {sorted(kwargs)} and data_dir={data_dir!r}.")
+  return FolderSource(**kwargs)
+
+
+def _in_memory(cls):
+  return lambda *, data_dir=None, **kwargs: cls(**kwargs)
+
+
+# Name -> factory(data_dir=None, **kwargs). A new dataset family registers here (`register`) and
+# touches no other file of the spine.
+SOURCES: dict = {
+    **_family("vtab", VTAB_TASKS, VtabSource),
+    **_family("vtab1k_files", VTAB_TASKS, VtabFilesSource),
+    **_family("fgvc", FGVC_DATASETS, FgvcSource),
+    **_family("hta", HTA_DATASETS, make_hta_source),
+    **_family("multilabel", MULTILABEL_LT_DATASETS, MultilabelLtSource),
+    "folder": _folder,
+    "embedded/shapes": _in_memory(ShapesSource),
+    "embedded/named_shapes": _in_memory(NamedShapesSource),
+    "embedded/multilabel_lt": _in_memory(MultilabelShapesSource),
+}
+SOURCE_NAMES = tuple(SOURCES)
+
+
+def register(name: str, factory) -> None:
+  """Adds the data source `name`: `factory(data_dir=None, **kwargs) -> DataSource`."""
+  if name in SOURCES:
+    raise ValueError(f"Data source {name!r} is already registered.")
+  SOURCES[name] = factory
 
 
 def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSource:
-  """The data source called `name`; an unknown keyword argument is an error that names the
-  source's valid ones (they come from `config.dataset_kwargs`). See `_make_source`."""
-  try:
-    return _make_source(name, data_dir=data_dir, **kwargs)
-  except TypeError as e:
-    if "unexpected keyword argument" not in str(e):
-      raise
-    raise TypeError(f"Data source {name!r}: {e.args[0].split(' got ')[-1]} (from "
-                    f"config.dataset_kwargs = {sorted(kwargs)}); see input_pipeline.get_source "
-                    "for the keyword arguments each source takes.") from e
-
-
-def _make_source(name: str, *, data_dir: str | None, **kwargs) -> DataSource:
-  """The data source called `name` (one of `SOURCE_NAMES`).
+  """The data source called `name` (one of `SOURCE_NAMES`); `kwargs` come from
+  `config.dataset_kwargs`, and an unknown one is an error naming the source.
 
   vtab/<task>: TFDS data prepared in `data_dir` (kwargs: tfds_version to override the version).
   vtab1k_files/<task>: the SSF/NOAH txt lists; kwargs root=<task folder>, or data_dir=<folder
@@ -55,34 +76,24 @@ def _make_source(name: str, *, data_dir: str | None, **kwargs) -> DataSource:
   multilabel/<dataset>: COCO-LT / VOC-LT from the LMPT lists (coco_lt, voc_lt); kwargs
     root=<the seed's data/coco or data/voc>, or data_dir=<its data/>; caption_chars,
     caption_tokenizer.
-  folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}.
+  folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}; skip_bad_images,
+    check_images.
   embedded/shapes: generated in memory, no kwargs.
   embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed).
   embedded/multilabel_lt: generated long-tailed multi-label squares with class names and
     captions, for LMPT (kwargs: caption_chars, caption_tokenizer).
   """
-  if name.startswith("vtab/") and name in SOURCE_NAMES:
-    return VtabSource(name.removeprefix("vtab/"), data_dir=data_dir, **kwargs)
-  if name.startswith("vtab1k_files/") and name in SOURCE_NAMES:
-    return VtabFilesSource(name.removeprefix("vtab1k_files/"), data_dir=data_dir, **kwargs)
-  if name.startswith("fgvc/") and name in SOURCE_NAMES:
-    return FgvcSource(name.removeprefix("fgvc/"), data_dir=data_dir, **kwargs)
-  if name.startswith("hta/") and name in SOURCE_NAMES:
-    return make_hta_source(name.removeprefix("hta/"), data_dir=data_dir, **kwargs)
-  if name.startswith("multilabel/") and name in SOURCE_NAMES:
-    return MultilabelLtSource(name.removeprefix("multilabel/"), data_dir=data_dir, **kwargs)
-  if name == "folder":
-    if "root" not in kwargs:
-      raise ValueError("Data source 'folder' needs root=... (root/<split>/<class_name>/*.jpg); "
-                       f"got kwargs {sorted(kwargs)} and data_dir={data_dir!r}.")
-    return FolderSource(**kwargs)
-  if name == "embedded/shapes":
-    return ShapesSource(**kwargs)
-  if name == "embedded/named_shapes":
-    return NamedShapesSource(**kwargs)
-  if name == "embedded/multilabel_lt":
-    return MultilabelShapesSource(**kwargs)
-  raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")
+  if name not in SOURCES:
+    raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")
+  try:
+    return SOURCES[name](data_dir=data_dir, **kwargs)
+  except TypeError as e:
+    if "unexpected keyword argument" not in str(e):
+      raise
+    raise TypeError(f"Data source {name!r}: {e.args[0].split(' got ')[-1]} (from "
+                    f"config.dataset_kwargs = {sorted(kwargs)}); see input_pipeline.get_source "
+                    "for the keyword arguments each source takes.") from e
 
 
-__all__ = ["DataNotFoundError", "DataSource", "get_source", "SOURCE_NAMES"]
+__all__ = ["DataNotFoundError", "DataSource", "get_source", "register", "SOURCE_NAMES",
+           "SOURCES"]

@@ -93,7 +93,8 @@ class FgvcSource(file_list.FileListSource):
   """One FGVC dataset from VPT's json release (see module docstring)."""
 
   def __init__(self, dataset: str, *, root: str | None = None, data_dir: str | None = None,
-               check_num_classes: bool = True, name: str | None = None):
+               check_num_classes: bool = True, name: str | None = None,
+               **image_checks):  # skip_bad_images, check_images (file_list.FileListSource)
     if dataset not in FGVC_DATASETS:
       raise ValueError(f"Unknown FGVC dataset {dataset!r}; valid: {', '.join(FGVC_DATASETS)}.")
     spec, name = FGVC_DATASETS[dataset], name or f"fgvc/{dataset}"
@@ -120,4 +121,5 @@ class FgvcSource(file_list.FileListSource):
                       [class_ids[label] for _, label in split_items])
     files["trainval"] = tuple(a + b for a, b in zip(files["train"], files["val"]))
     listed_in = {**jsons, "trainval": f"{jsons['train']} + {jsons['val']}"}
-    super().__init__(name, len(self.classes), {s: files[s] for s in FGVC_SPLITS}, listed_in)
+    super().__init__(name, len(self.classes), {s: files[s] for s in FGVC_SPLITS}, listed_in,
+                     **image_checks)

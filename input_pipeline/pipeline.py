@@ -102,3 +102,18 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
       {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
   ds = ds.concatenate(padding.repeat(num_batches * batch - counts[process_index]))
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def batch_spec(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict], *,
+               train: bool) -> dict:
+  """The element spec of `split`'s batches (leading dimension None) through `preprocess_fn`, the
+  train (with an example seed) or eval path, from the dataset graph alone (no data is read). The
+  trainer initialises the model from it, so a model may take images, videos, boxes or tokens."""
+
+  def prepare(example):
+    example = dict(source.decode(example))
+    if train:
+      example["_seed"] = tf.zeros([2], tf.int64)
+    return _batch_fields(preprocess_fn(example), source.batch_keys)
+
+  return source.raw_dataset(split).map(prepare).batch(1).element_spec

@@ -50,7 +50,8 @@ def read_list(path: str, name: str) -> tuple[list[str], list[int]]:
 class VtabFilesSource(file_list.FileListSource):
   """One VTAB-1k task from the SSF/NOAH file lists (see module docstring)."""
 
-  def __init__(self, task_name: str, *, root: str | None = None, data_dir: str | None = None):
+  def __init__(self, task_name: str, *, root: str | None = None, data_dir: str | None = None,
+               **image_checks):  # skip_bad_images, check_images (file_list.FileListSource)
     if task_name not in VTAB_TASKS:
       raise ValueError(f"Unknown VTAB task {task_name!r}; valid: {', '.join(VTAB_TASKS)}.")
     name = f"vtab1k_files/{task_name}"
@@ -61,4 +62,4 @@ class VtabFilesSource(file_list.FileListSource):
     for split, path in listed_in.items():
       paths, labels = read_list(path, name)
       files[split] = ([os.path.join(root, p) for p in paths], labels)
-    super().__init__(name, VTAB_TASKS[task_name].num_classes, files, listed_in)
+    super().__init__(name, VTAB_TASKS[task_name].num_classes, files, listed_in, **image_checks)

@@ -17,6 +17,7 @@ raises naming the step with `strict=True` (`config.strict_resume`) or when none 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Callable
@@ -24,6 +25,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from jaxprompt import writers
 
 
 class ResumeError(RuntimeError):
@@ -114,3 +117,45 @@ def _all_finite(tree) -> bool:
     return True
   return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
       leaves))
+
+
+class BestCheckpoint:
+  """The checkpoint with the best value of one evaluation metric (`config.keep_best`), kept in
+  `<workdir>/best_checkpoint` beside the latest ones, with `<workdir>/best.json` = {'metric',
+  'mode', 'step', 'value'} so that a resumed run keeps comparing against the same best. This is
+  the FGVC protocol of VPT and SA2VP (select the epoch on val, report test there) and LMPT's
+  best-mAP report."""
+
+  def __init__(self, workdir: str, metric: str, mode: str):
+    if mode not in ("max", "min"):
+      raise ValueError(f"config.keep_best mode {mode!r}: expected 'max' or 'min'.")
+    self.metric, self.mode = metric, mode
+    self._record = os.path.join(workdir, "best.json")
+    self._checkpointer = Checkpointer(os.path.join(workdir, "best_checkpoint"), keep=1)
+    self.best = None
+    if os.path.isfile(self._record) and self._checkpointer.latest_step() is not None:
+      with open(self._record) as f:
+        record = json.load(f)
+      if (record.get("metric"), record.get("mode")) == (metric, mode):
+        self.best = record
+
+  def update(self, step: int, metrics: dict, state) -> bool:
+    """Saves `state` when `metrics[self.metric]` beats the best so far; True when it did."""
+    if self.metric not in metrics:
+      raise KeyError(f"config.keep_best metric {self.metric!r} is not among the evaluation "
+                     f"metrics {sorted(metrics)}.")
+    value = float(metrics[self.metric])
+    if self.best is not None and not (value > self.best["value"] if self.mode == "max"
+                                      else value < self.best["value"]):
+      return False
+    self._checkpointer.save(step, state)
+    self._checkpointer.wait()
+    self.best = {"metric": self.metric, "mode": self.mode, "step": step, "value": value}
+    writers.write_json_atomic(self._record, self.best)
+    return True
+
+  def restore(self, like):
+    return self._checkpointer.restore(self.best["step"], like)
+
+  def close(self):
+    self._checkpointer.close()

@@ -87,21 +87,31 @@ def check_spine(config) -> None:
            config.get("param_sharding"), "'replicate' or 'fsdp'")
   for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _int_at_least(config, key, 1)
-  for key in ("total_steps", "eval_every_steps", "eval_batch_size"):
+  for key in ("total_steps", "eval_batch_size"):
     _int_at_least(config, key, 0, default=0)
   _int_at_least(config, "mesh.num_devices", 0, default=0)
   _int_at_least(config, "mesh.model", 1, default=1)
   if not config.get("total_steps"):
     _require(isinstance(config.get("num_epochs"), (int, float)) and config.num_epochs > 0,
              "num_epochs", config.get("num_epochs"), "> 0 when total_steps is 0")
-  _number_at_least(config, "eval_every_epochs", 0.0)
   smoothing = config.get("label_smoothing", 0.0)
   _require(0.0 <= smoothing < 1.0, "label_smoothing", smoothing, "a number in [0, 1)")
   _require(isinstance(config.get("train_split"), str) and config.train_split, "train_split",
            config.get("train_split"), "a split name")
-  splits = config.get("eval_splits")
-  _require(isinstance(splits, (tuple, list)) and all(isinstance(s, str) and s for s in splits),
-           "eval_splits", splits, "a tuple of split names")
+  evals = config.get("evals") or {}
+  _require(config.mode == "train" or bool(evals), "evals", evals, "at least one evaluator in "
+           "mode='eval'")
+  keep_best = tuple(config.get("keep_best") or ())
+  if keep_best:
+    _require(len(keep_best) == 2 and isinstance(keep_best[0], str) and
+             keep_best[1] in ("max", "min"), "keep_best", keep_best,
+             "('<evaluator>/<metric>', 'max' or 'min'), e.g. ('val/accuracy', 'max')")
+    _require(keep_best[0].split("/")[0] in evals, "keep_best", keep_best,
+             f"a metric of one of the evaluators {sorted(evals)} ('<evaluator>/<metric>')")
+  at_best = tuple(config.get("eval_at_best") or ())
+  _require(not at_best or bool(keep_best), "eval_at_best", at_best, "() without keep_best")
+  _require(all(name in evals for name in at_best), "eval_at_best", at_best,
+           f"names of evaluators among {sorted(evals)}")
   optim = config.get("optim")
   _require(optim is not None, "optim", optim, "the optimizer settings (configs/common.optimizer)")
   _require(optim.get("name") in ("sgd", "adamw"), "optim.name", optim.get("name"),

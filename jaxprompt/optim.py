@@ -1,12 +1,18 @@
-"""Optimizers for prompt tuning: a trainable/frozen partition of the param tree, schedules, SGD/AdamW.
+"""Optimizers for prompt tuning: a trainable/frozen partition of the param tree, parameter groups,
+schedules, SGD/AdamW.
 
 The partition follows big_vision's `optax.py` and scenic's `get_optimizer` in spirit: a regex over
-'/'-joined param names decides which leaves train; `optax.multi_transform` gives the frozen
-leaves `optax.set_to_zero()` so they carry no optimizer state (EmptyState) and no weight decay or
-momentum can move them. A zero learning rate would not do that.
+'/'-joined param names decides which leaves train (`param_labels`). The optimizer is built over the
+trainable subtree only, so frozen leaves carry no optimizer state and no weight decay or momentum
+can move them (a zero learning rate would not do that); the train step differentiates that subtree
+and merges it back. Within it, `optim.param_groups` gives named groups their own lr multiplier and
+weight decay, as PyTorch originals do with optimizer param groups (microsoft/GLIP
+`maskrcnn_benchmark/solver/build.py` make_optimizer trains the language backbone at
+SOLVER.LANG_LR, 1e-5 = 0.1x BASE_LR in `configs/pretrain/glip_Swin_T_O365.yaml`).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -21,6 +27,11 @@ TRAIN, FROZEN = "train", "frozen"
 # evaluation metric ('' = off).
 PLATEAU_DEFAULTS = dict(metric="", mode="max", factor=0.1, patience=10, min_lr=0.0,
                         threshold=1e-4)
+# optim.param_groups entries: `regex` full-matches '/'-joined trainable param names; the group's lr
+# is lr_mult times the schedule; weight_decay None = optim.weight_decay.
+GROUP_DEFAULTS = dict(regex=None, lr_mult=1.0, weight_decay=None)
+DEFAULT_GROUP = "default"  # the trainable params that no named group matches
+SCHEDULE_UNITS = ("step", "epoch")
 
 
 def param_labels(params, trainable_regex: str):
@@ -34,13 +45,28 @@ def param_labels(params, trainable_regex: str):
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
+def trainable_subset(params, labels):
+  """The leaves of `params` labelled TRAIN, as a tree: what the optimizer and checkpoints hold."""
+  flat, flat_labels = (traverse_util.flatten_dict(t, sep="/") for t in (params, labels))
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if flat_labels[k] == TRAIN}, sep="/")
+
+
+def with_trainable(params, subset):
+  """`params` with the leaves of `subset` put back (frozen leaves untouched, bit-identical)."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  flat.update(traverse_util.flatten_dict(subset, sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
                   warmup_init: float = 0.0, warmup_type: str = "linear"):
   """Warmup over `warmup_steps`, then cosine decay from `lr` to `min_lr` at `total_steps`.
 
   warmup_type 'linear' ramps from `warmup_init` to `lr` (VPT, SA2VP); 'constant' holds
   `warmup_init` (CoOp's ConstantWarmupScheduler: 1e-5 for the first epoch) and then starts the
-  cosine at `lr`.
+  cosine at `lr`. This is the per-step form (optim.schedule_unit='step'); `make_epoch_schedule`
+  is Dassl's per-epoch one exactly.
   """
   if warmup_steps >= total_steps:
     raise ValueError(f"warmup_steps={warmup_steps} must be below total_steps={total_steps}.")
@@ -53,6 +79,146 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
                                          alpha=min_lr / lr if lr else 0.0)
     return optax.join_schedules([optax.constant_schedule(warmup_init), cosine], [warmup_steps])
   raise ValueError(f"optim.warmup_type={warmup_type!r}: expected 'linear' or 'constant'.")
+
+
+def make_epoch_schedule(*, lr: float, num_epochs: float, warmup_epochs: int,
+                        steps_per_epoch: int, accum: int = 1, min_lr: float = 0.0,
+                        warmup_init: float = 0.0, warmup_type: str = "linear"):
+  """Dassl's per-epoch lr (CoOp's scheduler), as a function of the optimizer update count.
+
+  KaiyangZhou/Dassl.pytorch `dassl/optim/lr_scheduler.py` (`build_lr_scheduler`): a torch
+  `CosineAnnealingLR(optimizer, float(max_epoch))` wrapped by `ConstantWarmupScheduler` or
+  `LinearWarmupScheduler`, stepped once at the end of every epoch, so the lr is constant within an
+  epoch. For epoch e (0-based), W = warmup_epochs, E = num_epochs:
+
+    e < W, 'constant':  warmup_init                       (WARMUP_CONS_LR)
+    e < W, 'linear':    warmup_init at e = 0 (WARMUP_MIN_LR), else lr · e / W
+    e >= W:             min_lr + (lr - min_lr) · (1 + cos(π (e - W) / E)) / 2
+
+  The cosine restarts at the end of the warmup (Dassl's default WARMUP_RECOUNT=True) but keeps
+  T_max = E, so it does not reach min_lr at the last epoch (CoOp, E=200, W=1: sin²(π/200) ≈
+  2.5e-4 · lr). Dassl's eta_min is 0; min_lr defaults to that. The per-epoch lrs are computed in
+  float64, as torch does. `steps_per_epoch` counts train-step calls; with `accum`
+  (grad_accum_steps) micro-batches per update, update u takes the lr of the epoch of its last
+  micro-batch, train step (u + 1) · accum - 1, when torch's optimizer.step() would run.
+  """
+  if warmup_type not in ("linear", "constant"):
+    raise ValueError(f"optim.warmup_type={warmup_type!r}: expected 'linear' or 'constant'.")
+  if warmup_epochs >= num_epochs:
+    raise ValueError(f"warmup_epochs={warmup_epochs} must be below num_epochs={num_epochs}.")
+
+  def epoch_lr(e: int) -> float:  # in float64: float32 cancels in 1 + cos near the end
+    if e < warmup_epochs:
+      return warmup_init if warmup_type == "constant" or e == 0 else lr * e / warmup_epochs
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (e - warmup_epochs) / num_epochs)) / 2
+
+  table = jnp.asarray([epoch_lr(e) for e in range(max(1, math.ceil(num_epochs)))], jnp.float32)
+
+  def schedule(count):
+    epoch = ((jnp.asarray(count, jnp.int32) + 1) * accum - 1) // steps_per_epoch
+    return table[jnp.clip(epoch, 0, table.shape[0] - 1)]  # past the end: the last epoch's lr
+
+  return schedule
+
+
+def make_lr_schedule(optim, *, total_steps: int, warmup_steps: int, steps_per_epoch: int = 0):
+  """The base lr schedule of `optim` (the 'default' group's), over optimizer updates.
+
+  `total_steps`, `warmup_steps` and `steps_per_epoch` count train-step calls; with
+  `grad_accum_steps=k` the schedule advances once every k calls. optim.schedule_unit 'step'
+  (`make_schedule`) changes the lr every update; 'epoch' (`make_epoch_schedule`) once per epoch, as
+  CoOp's Dassl scheduler, and needs `steps_per_epoch` and a warmup of whole epochs.
+  """
+  accum = int(optim.get("grad_accum_steps", 1))
+  unit = optim.get("schedule_unit", "step")
+  kw = dict(lr=optim.lr, min_lr=optim.get("min_lr", 0.0),
+            warmup_init=optim.get("warmup_init", 0.0),
+            warmup_type=optim.get("warmup_type", "linear"))
+  if unit == "step":
+    return make_schedule(total_steps=total_steps // accum, warmup_steps=warmup_steps // accum,
+                         **kw)
+  if unit != "epoch":
+    raise ValueError(f"optim.schedule_unit={unit!r}: expected one of {SCHEDULE_UNITS}.")
+  if steps_per_epoch <= 0:
+    raise ValueError(f"optim.schedule_unit='epoch' needs steps_per_epoch > 0 (got "
+                     f"{steps_per_epoch}): make_optimizer(..., steps_per_epoch=...).")
+  if warmup_steps % steps_per_epoch:
+    raise ValueError(f"optim.schedule_unit='epoch' warms up for whole epochs: warmup_steps="
+                     f"{warmup_steps} is not a multiple of steps_per_epoch={steps_per_epoch} "
+                     "(set optim.warmup_epochs instead of optim.warmup_steps).")
+  return make_epoch_schedule(num_epochs=total_steps / steps_per_epoch,
+                             warmup_epochs=warmup_steps // steps_per_epoch,
+                             steps_per_epoch=steps_per_epoch, accum=accum, **kw)
+
+
+def param_group_settings(optim) -> list[tuple[str, dict]]:
+  """optim.param_groups as [(name, {regex, lr_mult, weight_decay})], checked, in matching order.
+
+  Give it as a tuple of (name, settings) pairs: the first group whose regex matches a param takes
+  it. A mapping is accepted too, but ConfigDict sorts its keys, so there a param that two groups
+  match is an error (see `group_labels`) rather than a silent choice by name.
+  """
+  given = optim.get("param_groups") or ()
+  pairs = list(given.items()) if hasattr(given, "items") else list(given)
+  groups, names = [], set()
+  for entry in pairs:
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and hasattr(entry[1], "items")):
+      raise ValueError(f"optim.param_groups entry {entry!r}: expected a (name, "
+                       f"{{'regex': ..., 'lr_mult': ..., 'weight_decay': ...}}) pair.")
+    name, settings = entry[0], dict(entry[1])
+    where = f"optim.param_groups[{name!r}]"
+    if name == DEFAULT_GROUP or not name:
+      raise ValueError(f"{where}: the name {name!r} is reserved (the params that no group "
+                       "matches form the group 'default', at lr_mult 1 and optim.weight_decay).")
+    if name in names:
+      raise ValueError(f"{where}: the group name appears twice.")
+    names.add(name)
+    unknown = set(settings) - set(GROUP_DEFAULTS)
+    if unknown:
+      raise ValueError(f"{where}: unknown settings {sorted(unknown)}; valid: "
+                       f"{sorted(GROUP_DEFAULTS)}.")
+    settings = {**GROUP_DEFAULTS, **settings}
+    if not isinstance(settings["regex"], str) or not settings["regex"]:
+      raise ValueError(f"{where}.regex={settings['regex']!r}: expected a regex over "
+                       "'/'-joined param names.")
+    try:
+      re.compile(settings["regex"])
+    except re.error as e:
+      raise ValueError(f"{where}.regex={settings['regex']!r} is not a regex: {e}.") from None
+    for key, allow_none in (("lr_mult", False), ("weight_decay", True)):
+      value = settings[key]
+      if value is None and allow_none:
+        continue
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{where}.{key}={value!r}: expected a number >= 0"
+                         + (" or None (optim.weight_decay)." if allow_none else "."))
+    groups.append((name, settings))
+  return groups
+
+
+def group_labels(optim, params):
+  """Tree of group names over `params` (the trainable subtree): the first group of
+  optim.param_groups whose regex full-matches the '/'-joined name, else 'default'."""
+  groups = param_group_settings(optim)
+  ordered = not hasattr(optim.get("param_groups") or (), "items")
+  patterns = [(name, re.compile(settings["regex"])) for name, settings in groups]
+  flat = traverse_util.flatten_dict(params, sep="/")
+  labels = {}
+  for key in flat:
+    matches = [name for name, pattern in patterns if pattern.fullmatch(key)]
+    if len(matches) > 1 and not ordered:
+      raise ValueError(f"Param {key!r} matches optim.param_groups {matches}; as a mapping they "
+                       "have no order: give (name, settings) pairs, first match wins.")
+    labels[key] = matches[0] if matches else DEFAULT_GROUP
+  for name, pattern in patterns:
+    if not any(pattern.fullmatch(k) for k in flat):
+      raise ValueError(f"optim.param_groups[{name!r}].regex={pattern.pattern!r} matches no "
+                       f"trainable parameter; names look like {sorted(flat)[:5]}.")
+    if name not in labels.values():
+      raise ValueError(f"optim.param_groups[{name!r}]: every param its regex matches is taken by "
+                       "an earlier group.")
+  return traverse_util.unflatten_dict(labels, sep="/")
 
 
 class PlateauState(NamedTuple):
@@ -106,8 +272,9 @@ def plateau_step(opt_state, metrics: dict, optim):
 
   As torch (defaults too): the metric improves when it beats best · (1 ± threshold); after more
   than `patience` evaluations without improvement the lr is multiplied by `factor`, not below
-  `min_lr` (here lr = optim.lr · factor, so min_lr acts relative to optim.lr), and the count
-  restarts. Returns the new opt_state (its leaves keep their shardings).
+  `min_lr` (here lr = optim.lr · factor, so min_lr acts relative to optim.lr; one factor scales
+  every param group, so a group at lr_mult m floors at m · min_lr where torch floors each group at
+  min_lr), and the count restarts. Returns the new opt_state (its leaves keep their shardings).
   """
   plateau = plateau_settings(optim)
   if plateau["metric"] not in metrics:
@@ -133,52 +300,62 @@ def plateau_step(opt_state, metrics: dict, optim):
       opt_state, **{k: jax.device_put(v, old[k].sharding) for k, v in new.items()})
 
 
-def make_optimizer(optim, params, labels, *, total_steps: int, warmup_steps: int):
-  """Builds the optax transform for `optim` (a ConfigDict, see configs) and its lr schedule.
+def _group_transform(optim, learning_rate, weight_decay: float, decay_mask):
+  """One group's SGD or AdamW (as torch's, with that group's lr and weight decay)."""
+  if optim.name == "sgd":
+    # PyTorch SGD's coupled L2: wd * p is added to the gradient before momentum (as VPT trains).
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                       optax.sgd(learning_rate, momentum=optim.get("momentum", 0.9) or None))
+  if optim.name == "adamw":
+    return optax.adamw(learning_rate, b1=optim.get("b1", 0.9), b2=optim.get("b2", 0.999),
+                       eps=optim.get("eps", 1e-8), weight_decay=weight_decay, mask=decay_mask)
+  raise ValueError(f"optim.name={optim.name!r}: expected 'sgd' or 'adamw'.")
 
-  `total_steps` counts train-step calls; with `grad_accum_steps=k` the optimizer (and its
-  schedule) advances once every k calls, on the mean of the k gradients. With `optim.plateau`
-  (see `plateau_step`) the lr is the schedule times a factor that the train loop lowers when an
-  evaluation metric stops improving.
+
+def make_optimizer(optim, params, *, total_steps: int, warmup_steps: int,
+                   steps_per_epoch: int = 0):
+  """Builds the optax transform for `optim` (a ConfigDict, see configs) over `params`, the
+  trainable subtree (every leaf trains), and its base lr schedule.
+
+  The chain is: global grad-norm clipping over all trainable params (GLIP's full-model clipping),
+  then `optax.multi_transform` over the parameter groups (`group_labels`), each its own SGD/AdamW
+  at lr_mult · schedule with its weight decay (the `no_weight_decay` params are never decayed),
+  then the plateau factor. `total_steps`, `warmup_steps` and `steps_per_epoch` (needed by
+  optim.schedule_unit='epoch') count train-step calls; with `grad_accum_steps=k` the whole chain
+  (`optax.MultiSteps`) and its schedule advance once every k calls, on the mean of the k
+  gradients. With `optim.plateau` (see `plateau_step`) the lr is the schedule times a factor that
+  the train loop lowers when an evaluation metric stops improving. Without param_groups this is one
+  'default' group, and the updates are those of the optimizer built over the full tree before.
   """
   accum = int(optim.get("grad_accum_steps", 1))
-  updates = total_steps // accum
-  schedule = make_schedule(lr=optim.lr, total_steps=updates,
-                           warmup_steps=warmup_steps // accum,
-                           min_lr=optim.get("min_lr", 0.0),
-                           warmup_init=optim.get("warmup_init", 0.0),
-                           warmup_type=optim.get("warmup_type", "linear"))
+  schedule = make_lr_schedule(optim, total_steps=total_steps, warmup_steps=warmup_steps,
+                              steps_per_epoch=steps_per_epoch)
   no_decay = re.compile(optim.get("no_weight_decay", "") or "(?!)")
   flat = traverse_util.flatten_dict(params, sep="/")
   decay_mask = traverse_util.unflatten_dict(
       {k: not no_decay.fullmatch(k) for k in flat}, sep="/")
+  labels = group_labels(optim, params)
+  used = set(traverse_util.flatten_dict(labels, sep="/").values())
+  settings = [(DEFAULT_GROUP, GROUP_DEFAULTS)] + param_group_settings(optim)
+  group_txs = {}
+  for name, group in settings:
+    if name not in used:  # only 'default' can be empty (group_labels checks the named ones)
+      continue
+    mult = group["lr_mult"]
+    learning_rate = schedule if mult == 1.0 else (lambda count, m=mult: m * schedule(count))
+    weight_decay = optim.weight_decay if group["weight_decay"] is None else group["weight_decay"]
+    group_txs[name] = _group_transform(optim, learning_rate, weight_decay, decay_mask)
   parts = []
   if optim.get("grad_clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  if optim.name == "sgd":
-    # PyTorch SGD's coupled L2: wd * p is added to the gradient before momentum (as VPT trains).
-    parts += [optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-              optax.sgd(schedule, momentum=optim.get("momentum", 0.9) or None)]
-  elif optim.name == "adamw":
-    parts.append(optax.adamw(schedule, b1=optim.get("b1", 0.9), b2=optim.get("b2", 0.999),
-                             eps=optim.get("eps", 1e-8), weight_decay=optim.weight_decay,
-                             mask=decay_mask))
-  else:
-    raise ValueError(f"optim.name={optim.name!r}: expected 'sgd' or 'adamw'.")
+  parts.append(optax.multi_transform(group_txs, labels))
   plateau = plateau_settings(optim)
   if plateau:
     parts.append(scale_by_plateau(plateau["mode"]))
-  train_tx = optax.chain(*parts)
+  tx = optax.chain(*parts)
   if accum > 1:
-    train_tx = optax.MultiSteps(train_tx, every_k_schedule=accum)
-  tx = optax.multi_transform({TRAIN: train_tx, FROZEN: optax.set_to_zero()}, labels)
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
   return tx, schedule
-
-
-def apply_updates(params, updates, labels):
-  """params + updates on trainable leaves; frozen leaves are passed through untouched (bit-exact)."""
-  return jax.tree.map(lambda p, u, l: p if l == FROZEN else (p + u).astype(p.dtype),
-                      params, updates, labels)
 
 
 def parameter_table(params, labels) -> str:

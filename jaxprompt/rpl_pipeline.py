@@ -42,21 +42,20 @@ renamed; folders likewise.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
-import tempfile
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 from absl import app, flags
 from absl import logging as absl_logging
-from PIL import Image
 
 from input_pipeline import object_crops, preprocess
-from input_pipeline.folder import IMAGE_EXTENSIONS, FolderSource
-from jaxprompt import retrieval, sharding, train
+from input_pipeline.folder import IMAGE_EXTENSIONS, FolderSource, decode_image_file
+from jaxprompt import sharding, train, writers
+from jaxprompt.evaluators import retrieval
 from jaxprompt.models import clip, common
 from jaxprompt.prompts import coop, rpl
 
@@ -66,23 +65,6 @@ WHICH = ("all", "base", "novel")
 
 # ------------------------------------------------------------------------------------------------
 # Files.
-
-
-def write_atomic(path: str, write: Callable) -> str:
-  """Calls write(binary file) on a temporary file next to `path`, then renames it to `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                 suffix=".partial")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(partial, object_crops.default_mode(directory=False))
-    os.replace(partial, path)
-  except BaseException:
-    os.unlink(partial)
-    raise
-  return path
 
 
 def read_base_inds(path: str, num_categories: int) -> list[int]:
@@ -130,7 +112,7 @@ def clip_params(config) -> dict:
     if init_file:
       zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
                            jax.eval_shape(init, jax.random.PRNGKey(0)))
-      params = rpl.load(zeros, init_file)["clip"]
+      params = coop.load_clip({"params": zeros}, init_file)["params"]["clip"]
     else:
       params = jax.jit(init)(jax.random.PRNGKey(config.seed))["clip"]
     _CLIP_PARAMS.clear()
@@ -189,7 +171,7 @@ def embed(config, prompts: str, categories: str, out: str) -> np.ndarray:
   """Stage 3: writes `out` (.npy, float32 (N, E)) for every category of the category file."""
   entries = list(object_crops.read_category_file(categories).values())
   features = category_embeddings(config, learned_contexts(prompts), entries)
-  write_atomic(out, lambda f: np.save(f, features))
+  writers.write_atomic(out, lambda f: np.save(f, features))
   train.log(f"embed: {features.shape} category embeddings -> {out}")
   return features
 
@@ -207,20 +189,17 @@ def list_images(folder: str) -> list[str]:
   return sorted(os.path.abspath(p) for p in paths)
 
 
-def load_clip_image(path: str, size: int) -> np.ndarray:
-  """CLIP's preprocessing (`clip.py` `_transform`): shorter side to `size` (bicubic), center crop,
-  [0, 1], CLIP mean/std. (size, size, 3) float32."""
-  with Image.open(path) as image:
-    image = image.convert("RGB")
-  w, h = image.size
-  short, long = min(w, h), max(w, h)
-  long = int(size * long / short)
-  image = image.resize((size, long) if w <= h else (long, size), Image.BICUBIC)
-  w, h = image.size
-  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-  pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
-  return (pixels - np.array(preprocess.CLIP_MEAN, np.float32)) / np.array(preprocess.CLIP_STD,
-                                                                          np.float32)
+def clip_images(paths: Sequence[str], size: int, batch_size: int) -> tf.data.Dataset:
+  """Batches (batch_size, size, size, 3) float32 of the image files, in order, the last padded
+  with zeros, through CLIP's preprocessing (`clip.py` `_transform`) as pp ops, the path every
+  config's evaluation takes: shorter side to `size` (bicubic), center crop, [0, 1], CLIP mean/std."""
+  pp = preprocess.make_preprocess_fn(f"resize_shorter_side({size}, method='bicubic')|"
+                                     f"center_crop({size})|value_range(0, 1)|normalize('clip')")
+  images = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+      lambda path: pp({"image": decode_image_file(path)})["image"],
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return images.padded_batch(batch_size, drop_remainder=False).map(
+      lambda batch: tf.pad(batch, [[0, batch_size - tf.shape(batch)[0]], [0, 0], [0, 0], [0, 0]]))
 
 
 def encode_images(config, paths: Sequence[str], *, batch_size: int = 256,
@@ -236,15 +215,9 @@ def encode_images(config, paths: Sequence[str], *, batch_size: int = 256,
                                                                 method=clip.Model.encode_image)),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
-  size = config.pp.image_size
-  features = []
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    for start in range(0, len(paths), batch_size):
-      part = paths[start:start + batch_size]
-      images = np.zeros((batch_size, size, size, 3), np.float32)
-      images[:len(part)] = list(pool.map(lambda p: load_clip_image(p, size), part))
-      features.append(np.asarray(encode(params, images))[:len(part)])
-  return np.concatenate(features)
+  features = [np.asarray(encode(params, images)) for images in
+              clip_images(paths, config.pp.image_size, batch_size).as_numpy_iterator()]
+  return np.concatenate(features)[:len(paths)]
 
 
 def build_index(config, pool: str, out: str, *, batch_size: int = 256) -> dict:
@@ -255,7 +228,7 @@ def build_index(config, pool: str, out: str, *, batch_size: int = 256) -> dict:
     raise FileNotFoundError(f"The retrieval pool {pool!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
                             "images.")
   embeddings = encode_images(config, paths, batch_size=batch_size)
-  write_atomic(out, lambda f: np.savez(f, paths=np.array(paths), embeddings=embeddings))
+  writers.write_atomic(out, lambda f: np.savez(f, paths=np.array(paths), embeddings=embeddings))
   train.log(f"index: {len(paths)} images of {pool} -> {out}")
   return {"paths": np.array(paths), "embeddings": embeddings}
 
@@ -297,7 +270,7 @@ def retrieve(embeddings: str, categories: str, index: str, out: str, *, top_k: i
   for row, i in enumerate(selected):
     ranked = list(dict.fromkeys(str(paths[j]) for j in ids[row]))
     text = "".join(f"{p}\n" for p in ranked).encode("utf-8")
-    write_atomic(os.path.join(out, f"{folders[i]}.txt"), lambda f, t=text: f.write(t))
+    writers.write_atomic(os.path.join(out, f"{folders[i]}.txt"), lambda f, t=text: f.write(t))
     results[folders[i]] = ranked
   train.log(f"retrieve: top {ids.shape[1]} of {len(paths)} pool images for {len(selected)} "
             f"categories ({which}), similarity {scores.min():.3f} .. {scores.max():.3f} -> {out}")

@@ -24,10 +24,9 @@ import ml_collections
 from jaxprompt import writers
 
 RECORD_FILE = "config.json"
-MAY_DIFFER = ("mode", "total_steps", "num_epochs", "log_every_steps", "eval_every_steps",
-              "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "eval_splits",
-              "eval_batch_size", "mesh", "param_sharding", "data_dir", "overwrite",
-              "strict_resume")
+MAY_DIFFER = ("mode", "total_steps", "num_epochs", "log_every_steps", "evals", "keep_best",
+              "eval_at_best", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+              "mesh", "param_sharding", "data_dir", "overwrite", "strict_resume")
 
 
 class RunMismatchError(ValueError):
@@ -97,3 +96,16 @@ def prepare(workdir: str, config, checkpoint_dir: str, *, write: bool = True) ->
   if write:
     writers.write_json_atomic(path, current)
   return warnings
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early, naming the folder, when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror}); pass "
+                          f"--workdir with a folder you can write to.") from e

@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Callable
 
 import jax
 from clu import metric_writers
@@ -40,14 +41,27 @@ def _format_seconds(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def write_json_atomic(path: str, data) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+def write_atomic(path: str, write: Callable) -> str:
+  """Calls write(binary file) on a temporary file next to `path`, then renames it to `path`: a
+  reader never sees half a file, and a failed write leaves nothing. The file gets the permissions
+  a plain open() would (mkstemp's are private)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                 suffix=".partial")
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
+    os.replace(partial, path)
   except BaseException:
-    os.unlink(tmp)
+    os.unlink(partial)
     raise
+  return path
+
+
+def write_json_atomic(path: str, data) -> None:
+  """`data` as indented JSON, written atomically (`write_atomic`)."""
+  write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))

@@ -21,10 +21,11 @@ FGVC_IMAGE_ROOTS = {"cub": ("CUB_200_2011", "images"), "nabirds": ("nabirds", "i
 
 def first_batch(config, eval_only: bool):
   data = train.build_data(config)
-  for split in (config.train_split, *config.eval_splits):
+  eval_splits = [entry.split for entry in config.evals.values()]
+  for split in (config.train_split, *eval_splits):
     assert data.source.num_examples(split) > 0
   if eval_only:  # mock data for splits selected by example id cannot be iterated
-    dataset = pipeline.make_eval_dataset(data.source, config.eval_splits[0], data.eval_pp,
+    dataset = pipeline.make_eval_dataset(data.source, eval_splits[0], data.eval_pp,
                                          global_batch_size=2)
   else:
     dataset = pipeline.make_train_dataset(data.source, config.train_split, data.train_pp,

@@ -10,10 +10,11 @@ from flax import traverse_util
 
 from configs import coop as coop_config
 from input_pipeline import embedded_clip
-from jaxprompt import optim, train, zeroshot
+from jaxprompt import evaluators, optim, train, zeroshot
+from jaxprompt.evaluators import zeroshot as zs
 from jaxprompt.models import clip
 from jaxprompt.prompts import coop
-from trainer_steps import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
+from conftest import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
 
 NAMES = ("cat", "big_dog", "red square at the top")
 
@@ -133,12 +134,11 @@ def test_word_initialised_coop_is_zero_shot_clip(vocab, variables):
   words = with_ctx(variables, table[np.array(coop.get_tokenizer(vocab).encode(WORDS))])
   images = jax.random.normal(jax.random.PRNGKey(4), (5, 32, 32, 3))
   logits, aux = jax.jit(make_model(vocab, ctx_init=WORDS).apply)(words, images)
-  clip_model = clip.Model(**clip.decode_variant("ViT-mu/8"))
-  classifier = zeroshot.class_embeddings(clip_model, params["clip"], coop.get_tokenizer(vocab),
-                                         NAMES, ["a photo of a {}."])
+  fns = coop.clip_predict_fns(make_model(vocab))
+  classifier = zs.class_embeddings(fns, variables, NAMES, ["a photo of a {}."])
   np.testing.assert_allclose(aux["text_features"], classifier, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(logits, zeroshot.logits(clip_model, params["clip"], images,
-                                                     classifier), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, zs.logits(fns, variables, images, classifier), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_load_rereads_word_init_from_the_loaded_table(vocab, variables, monkeypatch):
@@ -146,13 +146,13 @@ def test_load_rereads_word_init_from_the_loaded_table(vocab, variables, monkeypa
   words = coop.get_tokenizer(vocab).encode("a photo")
   params = jax.device_get(with_ctx(variables, table[words])["params"])
   monkeypatch.setattr(clip, "load", lambda v, path: jax.tree.map(lambda x: 2 * x + 1, v))
-  loaded = coop.load(params, "clip.pt")
+  loaded = coop.load({"params": params}, "clip.pt")["params"]
   np.testing.assert_array_equal(loaded["prompt_learner"]["ctx"],
                                 loaded["clip"]["token_embedding"]["embedding"][words])
   assert loaded["clip"]["logit_scale"] == 2 * params["clip"]["logit_scale"] + 1
   # A random (not word) context keeps its values.
   random_ctx = np.asarray(variables["params"]["prompt_learner"]["ctx"])
-  loaded = coop.load(jax.device_get(variables["params"]), "clip.pt")
+  loaded = coop.load(jax.device_get(variables), "clip.pt")["params"]
   np.testing.assert_array_equal(loaded["prompt_learner"]["ctx"], random_ctx)
 
 
@@ -172,14 +172,15 @@ def test_zero_shot_ensemble_equals_hand_computation(vocab, variables):
   image_features = normalize(np.asarray(encode_image(images)))
   expected = np.exp(float(params["logit_scale"])) * image_features @ expected_classifier.T
 
-  classifier = zeroshot.class_embeddings(clip_model, params, tokenizer, NAMES, templates)
+  fns = coop.clip_predict_fns(make_model(vocab))
+  classifier = zs.class_embeddings(fns, variables, NAMES, templates)
   np.testing.assert_allclose(classifier, expected_classifier, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(zeroshot.logits(clip_model, params, images, classifier), expected,
-                             rtol=1e-5, atol=1e-5)
-  assert zeroshot.parse_templates("ensemble") == zeroshot.IMAGENET_TEMPLATES_SELECT
-  assert zeroshot.parse_templates("{} a.|b {}.") == ("{} a.", "b {}.")
+  np.testing.assert_allclose(zs.logits(fns, variables, images, classifier), expected, rtol=1e-5,
+                             atol=1e-5)
+  assert zs.parse_templates("ensemble") == zs.IMAGENET_TEMPLATES_SELECT
+  assert zs.parse_templates("{} a.|b {}.") == ("{} a.", "b {}.")
   with pytest.raises(ValueError, match="bad: \\['no slot'\\]"):
-    zeroshot.parse_templates("a {}.|no slot")
+    zs.parse_templates("a {}.|no slot")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def demo_run():
   before = jax.device_get(exp.state["params"])
   start = zeroshot.evaluate(exp, ["a photo of a {}."], "test")["test/accuracy"]
   state, losses = run_steps(exp, exp.total_steps, seed=exp.config.seed)
-  accuracy = train.evaluate(exp, state["params"], "test")["test/accuracy"]
+  accuracy = evaluators.run_all(exp.evaluators, train.variables(state))["test/accuracy"]
   return exp, before, state, losses, start, accuracy
 
 
@@ -232,7 +233,7 @@ def test_few_shot_source_and_config():
   config = coop_config.get_config("dataset=folder,shots=1,init=a_photo_of_a,csc,position=front")
   assert (config.num_epochs, config.model.ctx_init, config.model.variant) == (
       50, "a photo of a", "ViT-B/16")
-  assert config.pp.train.endswith("normalize('clip')") and "random_crop(224)" in config.pp.train
+  assert config.pp.train.endswith("normalize('clip')") and "random_resized_crop(224" in config.pp.train
   assert coop_config.get_config("dataset=x,shots=4,imagenet").num_epochs == 50
   assert coop_config.get_config().num_epochs == 200
 
@@ -251,7 +252,5 @@ def test_bad_input_is_a_clear_error(vocab):
     init(make_model(vocab, class_token_position="start"))
   with pytest.raises(ValueError, match="csc=True"):
     init(make_model(vocab, ctx_init="a photo", csc=True))
-  with pytest.raises(NotImplementedError, match="ResNet image tower"):
-    init(make_model(vocab, variant="RN-mu"))
   with pytest.raises(ValueError, match="vocab_path"):
     init(make_model(""))

@@ -17,11 +17,12 @@ from flax import traverse_util
 import input_pipeline
 from configs import lmpt_coco_lt, lmpt_voc_lt
 from input_pipeline import embedded_clip, embedded_multilabel, multilabel_lt, pipeline, preprocess
-from jaxprompt import losses, optim, train, zeroshot
+from jaxprompt import evaluators, optim, train, zeroshot
+from jaxprompt.prompts import lmpt_losses as losses
 from jaxprompt.prompts import coop, lmpt
 # Seed-format dataset writers of the data tests.
 from test_lmpt_data_losses_metrics import _voc, _write_dataset  # pylint: disable=import-error
-from trainer_steps import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
+from conftest import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
 
 NAMES = ("red square", "cat")
 
@@ -125,8 +126,7 @@ def _optimizer(name="sgd", **plateau):
     config.name = "adamw"
   config.plateau.update(plateau)
   params = {"w": jnp.array([1.0, -2.0, 0.5])}
-  tx, _ = optim.make_optimizer(config, params, optim.param_labels(params, "w"), total_steps=100,
-                               warmup_steps=0)
+  tx, _ = optim.make_optimizer(config, params, total_steps=100, warmup_steps=0)
   return config, tx, params
 
 
@@ -177,7 +177,7 @@ def test_train_loop_lowers_the_lr_on_a_plateau_on_the_seeds_files(tmp_path, voca
   config = lmpt_voc_lt.get_config(f"data={_seed_files(tmp_path, 'voc_lt')},runlocal")
   config.model.variant, config.model.vocab_path, config.pp.image_size = "ViT-mu/8", vocab, 32
   config.pp.train, config.pp.eval = lmpt_voc_lt.lmpt_pp(32)
-  config.eval_every_steps = 1  # evaluations after steps 1, 2, 3 (the last step evaluates apart)
+  config.evals.test.every_steps = 1  # after steps 1, 2, 3 (the last step evaluates apart)
   config.optim.plateau.update(patience=0, threshold=10.0)  # only the first counts as better
   final = train.train_and_evaluate(config, str(tmp_path / "workdir"))
   np.testing.assert_allclose(final["train/lr"], 5e-4 * 0.01, rtol=1e-5)
@@ -214,7 +214,8 @@ def demo_run():
   before = jax.device_get(exp.state["params"])
   start = zeroshot.evaluate(exp, ["a photo of a {}."], "test")
   state, steps_losses = run_steps(exp, exp.total_steps, seed=config.seed)
-  return exp, before, state, steps_losses, start, train.evaluate(exp, state["params"], "test")
+  return exp, before, state, steps_losses, start, evaluators.run_all(exp.evaluators,
+                                                                     train.variables(state))
 
 
 def test_only_the_context_trains_and_clip_stays_bit_identical(demo_run):
@@ -354,8 +355,8 @@ def test_bad_input_is_a_clear_error_through_the_config_path(tmp_path, vocab):
   with pytest.raises(ValueError, match="vocab_path"):
     lmpt.source_kwargs(config)
   config = lmpt_voc_lt.get_config()
-  config.eval_every_epochs = 0
+  config.evals.test.every_epochs = 0
   with pytest.raises(ValueError, match="optim.plateau steps on evaluation metrics"):
     train.build(config)
   with pytest.raises(ValueError, match="needs a long-tailed multi-label data source"):
-    lmpt.make_metrics(config, embedded_clip.NamedShapesSource())
+    lmpt.make_loss(config, embedded_clip.NamedShapesSource())

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 import input_pipeline
 from input_pipeline import multilabel_lt, pipeline
-from jaxprompt import losses, multilabel_metrics
+from jaxprompt.prompts import lmpt_losses as losses
+from jaxprompt.evaluators import multilabel as multilabel_metrics
 
 # VOC-LT's class_freq (DistributionBalancedLoss appendix/VOCdevkit/longtail2012/class_freq.pkl).
 VOC_COUNTS = np.array([6, 34, 8, 14, 154, 17, 249, 29, 479, 4, 240, 48, 11, 20, 775, 100, 5, 82,

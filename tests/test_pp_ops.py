@@ -139,8 +139,6 @@ OLD_CONFIG_PP = {
     "sa2vp_hta:": (32, "inception", "none", "none", None),
     "sa2vp_hta:dataset=cifar10": (224, "inception", "fgvc_train", "fgvc_eval", None),
     "coop:": (32, "clip", "none", "none", None),
-    "coop:dataset=folder": (224, "clip", "fgvc_train", "fgvc_eval", None),
-    "rpl_lvis:data=/nonexistent": (224, "clip", "fgvc_train", "fgvc_eval", None),
     "rpl_lvis:data=/nonexistent,demo=True": (32, "clip", "none", "none", None),
     "lmpt_voc_lt:": (32, "imagenet", "resize_flip", "none", True),
     "lmpt_voc_lt:data=/nonexistent": (224, "imagenet", "resize_flip", "none", True),
@@ -160,6 +158,25 @@ def test_every_config_keeps_its_preprocessing_tensors(case):
     old = _old_make_preprocess_fn(image_size=size, mean=mean, std=std, augment=augment,
                                   antialias=antialias)
     _assert_same(old, preprocess.make_preprocess_fn(config.pp[key]), with_seed=True)
+
+
+@pytest.mark.parametrize("case,scale", [("coop:dataset=folder", (0.08, 1.0)),
+                                        ("rpl_lvis:data=/nonexistent", (0.4, 1.0))])
+def test_coop_and_rpl_real_data_follow_dassl_transforms(case, scale):
+  """Changed on purpose from the old resize-crop-flip: Dassl's RandomResizedCrop (CoOp's scale
+  (0.08, 1), RPL's INPUT.CROP_SCALE (0.4, 1)), bicubic, with a flip; test: shorter side to 224
+  (bicubic) and the center crop."""
+  name, arg = case.split(":")
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  tail = "value_range(0, 1)|normalize('clip')"
+  assert config.pp.train == f"random_resized_crop(224, scale={scale})|flip_lr|{tail}"
+  assert config.pp.eval == f"resize_shorter_side(224, method='bicubic')|center_crop(224)|{tail}"
+  image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+  out = preprocess.make_preprocess_fn(config.pp.train)(
+      {"image": image, "_seed": tf.constant([1, 2], tf.int64)})
+  assert out["image"].shape == (224, 224, 3)
+  assert preprocess.make_preprocess_fn(config.pp.eval)({"image": image})["image"].shape == (
+      224, 224, 3)
 
 
 # ---------------------------------------------------------------- registry, parser, builder

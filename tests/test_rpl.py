@@ -17,7 +17,8 @@ from PIL import Image
 from configs import rpl_lvis
 from input_pipeline import base, embedded_clip, embedded_coco, object_crops
 from input_pipeline.folder import FolderSource
-from jaxprompt import optim, retrieval, rpl_pipeline, train
+from jaxprompt import optim, rpl_pipeline, train, writers
+from jaxprompt.evaluators import retrieval
 from jaxprompt.models import clip
 from jaxprompt.prompts import coop, rpl
 
@@ -219,7 +220,8 @@ def test_crops_stage(tmp_path):
 
 TOP_K_CHECK = """
 import jax, numpy as np
-from jaxprompt import retrieval, sharding
+from jaxprompt import sharding
+from jaxprompt.evaluators import retrieval
 assert jax.device_count() == 8, jax.devices()
 mesh = sharding.make_mesh()
 rng = np.random.default_rng(0)
@@ -301,7 +303,7 @@ def test_index_holds_normalised_clip_image_features(one_round):
   assert len(index["paths"]) == 56 and index["embeddings"].shape == (56, 16)
   np.testing.assert_allclose(np.linalg.norm(index["embeddings"], axis=1), 1, rtol=1e-5)
   clip_model = clip.Model(**coop.clip_config("ViT-mu/8", jnp.float32))
-  images = np.stack([rpl_pipeline.load_clip_image(p, 32) for p in index["paths"][:3]])
+  images = next(rpl_pipeline.clip_images(index["paths"][:3], 32, 4).as_numpy_iterator())[:3]
   features = jax.jit(lambda p, x: clip_model.apply({"params": p}, x,
                                                    method=clip.Model.encode_image))(
       rpl_pipeline.clip_params(config), images)
@@ -381,9 +383,9 @@ def test_outputs_are_written_atomically(tmp_path):
     f.write(b"partial")
     raise RuntimeError("disk full")
   with pytest.raises(RuntimeError):
-    rpl_pipeline.write_atomic(str(tmp_path / "x.npy"), fail)
+    writers.write_atomic(str(tmp_path / "x.npy"), fail)
   assert os.listdir(tmp_path) == []
-  rpl_pipeline.write_atomic(str(tmp_path / "x.npy"), lambda f: np.save(f, np.arange(3)))
+  writers.write_atomic(str(tmp_path / "x.npy"), lambda f: np.save(f, np.arange(3)))
   assert np.load(tmp_path / "x.npy").tolist() == [0, 1, 2] and os.listdir(tmp_path) == ["x.npy"]
   with pytest.raises(RuntimeError):
     with object_crops.staged_folder(str(tmp_path / "out")) as staging:

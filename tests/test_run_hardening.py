@@ -7,27 +7,20 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from configs import vpt_vtab
-from jaxprompt import checkpointing, config_checks, main, run_record, train
+from configs import common
+from jaxprompt import checkpointing, config_checks, main, method, run_record, train
+
+from conftest import tiny_config  # pylint: disable=import-error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  config = vpt_vtab.get_config("runlocal")
-  config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -50,7 +43,7 @@ def test_resume_refuses_other_settings_and_accepts_schedule_only_changes(tmp_pat
   # Logging, evaluation and checkpoint intervals and the length of the run may change.
   final = train.train_and_evaluate(
       tiny_config(total_steps=4, checkpoint_every_steps=4, log_every_steps=1,
-                  eval_every_steps=3), workdir)
+                  **{"evals.test.every_steps": 3}), workdir)
   assert final["step"] == 4 and checkpoint_steps(workdir) == [2, 4]
   # overwrite=True starts a new run from step 0 with the new settings.
   train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=1, seed=7,
@@ -73,7 +66,8 @@ def test_default_workdir_includes_the_config_arguments():
     ("batch_size", 0), ("total_steps", -1), ("eval_batch_size", -8), ("mode", "fit"),
     ("optim.lr", float("nan")), ("optim.lr", -1.0), ("optim.grad_accum_steps", 0),
     ("optim.name", "lamb"), ("label_smoothing", 1.0), ("compute_dtype", "int8"),
-    ("eval_splits", ("",)), ("mesh.model", 0)])
+    ("keep_best", ("val/accuracy", "max")), ("keep_best", ("test/accuracy", "best")),
+    ("mesh.model", 0)])
 def test_bad_spine_values_are_refused_before_building(key, value):
   with pytest.raises(config_checks.ConfigError, match=f"config.{key}="):
     train.build(tiny_config(**{key: value}))
@@ -99,7 +93,8 @@ def test_unknown_eval_split_fails_before_training(tmp_path, monkeypatch):
   real_loop = train._train_loop  # pylint: disable=protected-access
   monkeypatch.setattr(train, "_train_loop", lambda *a, **k: steps.append(1) or real_loop(*a, **k))
   with pytest.raises(ValueError, match="Unknown split 'validation'.*valid splits"):
-    train.train_and_evaluate(tiny_config(eval_splits=("test", "validation")), str(tmp_path))
+    train.train_and_evaluate(tiny_config(evals=common.evals("test", "validation")),
+                             str(tmp_path))
   assert not steps and checkpoint_steps(str(tmp_path)) == []
 
 
@@ -175,7 +170,7 @@ def test_overrides_may_add_keys_only_under_dataset_kwargs():
 def test_nan_from_the_first_step_saves_no_checkpoint(tmp_path, monkeypatch):
   # Default intervals: the first check is at step log_every_steps, long after step 1 (which orbax
   # used to save unasked, NaN included).
-  monkeypatch.setattr(train, "cross_entropy_loss", lambda config, source: (
+  monkeypatch.setattr(method, "cross_entropy_loss", lambda config, source: (
       lambda logits, aux, batch: jnp.full(logits.shape[:1], jnp.nan)))
   config = tiny_config(total_steps=8, log_every_steps=4, checkpoint_every_steps=500)
   with pytest.raises(FloatingPointError, match="by step 4.*No checkpoint was saved"):
@@ -293,3 +288,21 @@ def test_clip_prompt_methods_check_n_ctx():
       model(num_classes=3, n_ctx=0)
   with pytest.raises(ValueError, match="class_token_position='back'; expected 'end', 'middle'"):
     coop.Model(num_classes=3, class_token_position="back")
+
+
+def test_infinite_optimizer_state_is_not_a_corrupt_checkpoint(tmp_path):
+  # The plateau rule starts its best-so-far at -inf; such a checkpoint resumes normally.
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory, keep=5)
+  like = {"params": jnp.ones(3), "opt_state": jnp.full((), -jnp.inf)}
+  ckpt.save(1, like)
+  ckpt.wait()
+  assert ckpt.restore_latest(like, strict=True)[0] == 1
+  ckpt.close()
+
+
+def test_eval_mode_needs_an_evaluator():
+  config = tiny_config(mode="eval")
+  config.evals = ml_collections.ConfigDict()
+  with pytest.raises(config_checks.ConfigError, match="config.evals=.*at least one evaluator"):
+    train.build(config)

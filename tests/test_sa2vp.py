@@ -19,7 +19,7 @@ from configs import sa2vp_vtab
 from jaxprompt import optim, train
 from jaxprompt.models import common, vit
 from jaxprompt.prompts import sa2vp
-from trainer_steps import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
+from conftest import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
 
 
 def per_position_local_attention(q, k, v, grid_h, grid_w):
@@ -205,7 +205,7 @@ def test_vtab_config_tables(task):
   assert (config.optim.name, config.optim.weight_decay, config.optim.min_lr) == ("adamw", 1e-4, 1e-7)
   assert config.pp.train == config.pp.eval == (
       "resize(224, antialias=False)|value_range(0, 1)|normalize('inception')")
-  assert config.dataset == f"vtab/{task}" and config.eval_splits == ("test",)
+  assert config.dataset == f"vtab/{task}" and list(config.evals) == ["test"]
 
 
 def test_weight_decay_mask_follows_the_seed():

@@ -11,6 +11,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
@@ -19,7 +20,7 @@ from configs import sa2vp_swin_vtab, sa2vp_vtab, vpt_swin_vtab
 from jaxprompt import optim, train
 from jaxprompt.models import common, swin
 from jaxprompt.prompts import sa2vp_swin, vpt_swin
-from trainer_steps import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
+from conftest import assert_only_trainable_changed, run_steps  # pylint: disable=import-error
 
 TINY = dict(variant="mu", patch_size=2, window_size=2)
 ALL_TASKS = sa2vp_vtab.NATURAL + sa2vp_vtab.SPECIALIZED + sa2vp_vtab.STRUCTURED
@@ -312,12 +313,14 @@ def test_vpt_trains_only_prompts_and_head(vpt_params):
   assert sorted(k for k, v in flat(labels).items() if v == optim.TRAIN) == sorted(
       ["prompt_embeddings", "head/kernel", "head/bias"]
       + [f"deep_prompt_embeddings_{i}" for i in range(4)])
-  tx, _ = optim.make_optimizer(config.optim, vpt_params, labels, total_steps=4, warmup_steps=1)
-  grads = jax.tree.map(np.ones_like, vpt_params)
-  opt_state = tx.init(vpt_params)
+  trainable = optim.trainable_subset(vpt_params, labels)
+  tx, _ = optim.make_optimizer(config.optim, trainable, total_steps=4, warmup_steps=1)
+  grads = jax.tree.map(np.ones_like, trainable)
+  opt_state = tx.init(trainable)
   for _ in range(2):  # the first step runs at lr 0 (warmup)
-    updates, opt_state = tx.update(grads, opt_state, vpt_params)
-    params = optim.apply_updates(vpt_params, updates, labels)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+  params = optim.with_trainable(vpt_params, trainable)
   assert_only_trainable_changed(flat(vpt_params), flat(params), flat(labels))
 
 
@@ -361,7 +364,7 @@ def test_vtab_configs(task):
   assert config.batch_size == (64 if group == "natural" else 40)
   assert config.optim.lr == 1e-3 and config.optim.name == "adamw"
   assert config.pp.image_size == 224 and config.pp.eval.endswith("normalize('inception')")
-  assert config.dataset == f"vtab/{task}" and config.eval_splits == ("test",)
+  assert config.dataset == f"vtab/{task}" and list(config.evals) == ["test"]
 
   vpt = vpt_swin_vtab.get_config(f"task={task},shallow")
   assert vpt.model_name == "prompts.vpt_swin" and vpt.model.variant == "B"

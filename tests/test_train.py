@@ -9,24 +9,13 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from configs import vpt_vtab
 from input_pipeline import pipeline
 from jaxprompt import optim, train
-from trainer_steps import assert_only_trainable_changed, train_batches  # pylint: disable=import-error
+from conftest import assert_only_trainable_changed, tiny_config, train_batches  # pylint: disable=import-error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  config = vpt_vtab.get_config("runlocal")
-  config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
 
 
 def test_frozen_params_bit_identical_and_without_optimizer_state():

@@ -32,10 +32,11 @@ Deliberate choices:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -120,16 +121,14 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, *,
-               before_block: Optional[Callable[[int, jnp.ndarray], jnp.ndarray]] = None):
+  def __call__(self, x, mask=None, *, block_hook: Optional[common.BlockHook] = None):
     """x: (B, L, D); mask: broadcastable to (B, heads, L, L), True where attention is allowed.
 
-    `before_block(i, x) -> x` runs on the token sequence before block i (deep prompt methods).
+    `block_hook(i, block, x) -> x` runs instead of block i (`common.BlockHook`: deep prompts).
     """
     for i in range(self.layers):
-      if before_block is not None:
-        x = before_block(i, x)
-      x = ResidualAttentionBlock(self.num_heads, self.dtype, name=f"resblocks_{i}")(x, mask)
+      block = ResidualAttentionBlock(self.num_heads, self.dtype, name=f"resblocks_{i}")
+      x = common.run_block(i, functools.partial(block, mask=mask), x, block_hook)
     return x
 
 
@@ -308,7 +307,7 @@ class Model(nn.Module):
     """(N, L) int ids -> token embeddings (N, L, text_width), without positional embeddings."""
     return self.token_embedding(token_ids)
 
-  def encode_text_embeddings(self, token_embeddings, eot_indices, *, before_block=None):
+  def encode_text_embeddings(self, token_embeddings, eot_indices, *, block_hook=None):
     """The text tower on given token embeddings.
 
     Args:
@@ -316,7 +315,7 @@ class Model(nn.Module):
         with learned context vectors written in (CoOp).
       eot_indices: (N,) int, position of the end-of-text token of each sequence, whose output
         becomes the feature (argmax of the token ids for CLIP's tokenizer).
-      before_block: optional `(i, x) -> x` run before text block i (see `Transformer`).
+      block_hook: optional `(i, block, x) -> x` run instead of text block i (`Transformer`).
 
     Returns:
       Unnormalised text features (N, embed_dim), float32.
@@ -327,7 +326,7 @@ class Model(nn.Module):
                        f"{self.text_width}); got {token_embeddings.shape}.")
     x = token_embeddings.astype(self.dtype) + self.positional_embedding[:length].astype(self.dtype)
     causal = nn.make_causal_mask(jnp.ones((num, length), jnp.bool_))  # (N, 1, L, L)
-    x = self.ln_final(self.transformer(x, causal, before_block=before_block))
+    x = self.ln_final(self.transformer(x, causal, block_hook=block_hook))
     x = jnp.take_along_axis(x, jnp.asarray(eot_indices)[:, None, None], axis=1)[:, 0]  # (N, W)
     return (x @ self.text_projection.astype(x.dtype)).astype(jnp.float32)
 

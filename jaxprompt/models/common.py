@@ -27,7 +27,7 @@ import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -475,3 +475,18 @@ def require(module, **conditions: tuple[bool, str]) -> None:
     if not ok:
       raise ValueError(f"{type(module).__module__}.{type(module).__name__}: config.model.{field}="
                        f"{getattr(module, field)!r}; expected {expected}.")
+
+
+# The block hook every encoder here takes (ViT `Encoder`, Swin `Stage`, CLIP `Transformer`; BERT
+# and GPT-2 towers follow it): hook(index, block, x) -> x runs instead of `block(x)` for block
+# `index` of a stack. `block(y)` runs that frozen block on any input of its kind (a token
+# sequence, a Swin map), so a prompt method may change x before the block (VPT's deep prompts),
+# after it, run the block on a second stream too (SA2VP), or skip nothing at all. The hook's own
+# modules must exist before the call: one built inside it becomes a child of the running stack.
+# Swin's `Model` binds the stage first: block_hook(stage, index, block, x).
+BlockHook = Callable[[int, Callable, Any], Any]
+
+
+def run_block(index: int, block: Callable, x, hook: BlockHook | None):
+  """`block(x)`, or `hook(index, block, x)` when there is a hook."""
+  return block(x) if hook is None else hook(index, block, x)

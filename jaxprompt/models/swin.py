@@ -50,7 +50,8 @@ SIZES = {
 LAYER_NORM_EPS = 1e-5  # PyTorch's default, used by every Swin LayerNorm
 MASKED = -100.0  # the original's additive logit for token pairs from different shifted regions
 
-# block_hook(stage, index, block, x) -> x; `block(y)` runs the frozen block on any (B, H, W, C) map.
+# block_hook(stage, index, block, x) -> x: `common.BlockHook` with the stage bound first; `block(y)`
+# runs the frozen block on any (B, H, W, C) map.
 BlockHook = Callable[[int, int, Callable[[jnp.ndarray], jnp.ndarray], jnp.ndarray], jnp.ndarray]
 _dense_init = dict(kernel_init=nn.initializers.truncated_normal(0.02),
                    bias_init=nn.initializers.zeros)
@@ -302,10 +303,10 @@ class Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True,
-               block_hook: Optional[Callable[[int, Callable, jnp.ndarray], jnp.ndarray]] = None):
+               block_hook: Optional[common.BlockHook] = None):
     for j in range(self.depth):
       block = functools.partial(self.make_block(j), deterministic=deterministic)
-      x = block(x) if block_hook is None else block_hook(j, block, x)
+      x = common.run_block(j, block, x, block_hook)
     if not self.downsample:
       return x, x
     return PatchMerging(self.dtype, name="downsample")(x), x

@@ -11,12 +11,14 @@ Deliberate choices:
     (KMnP/vpt `src/models/vit_backbones/vit.py`) and in transformers' `ViTModel`; Google's Flax code
     uses the tanh approximation (`gelu_approximate=True` reproduces it).
   * LayerNorm epsilon is a field: 1e-6 as in Google/VPT; transformers' ViT configs often say 1e-12.
-  * `Encoder` takes an optional `before_block(i, x) -> x` callable, run on the token sequence
-    before block `i`. Prompt methods use it to insert or replace prompt tokens without a second
-    copy of the encoder (see `jaxprompt/prompts/vpt.py`).
+  * `Encoder` takes an optional `block_hook(i, block, x) -> x` (`common.BlockHook`, the protocol
+    shared with Swin and CLIP), run instead of `block(x)` on the token sequence. Prompt methods use
+    it to insert or replace prompt tokens without a second copy of the encoder (see
+    `jaxprompt/prompts/vpt.py`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -213,14 +215,13 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True,
-               before_block: Optional[Callable[[int, jnp.ndarray], jnp.ndarray]] = None):
+               block_hook: Optional[common.BlockHook] = None):
     # x: (B, 1 + N, D) with the CLS token first.
     x = AddPositionEmbs(name="posembed_input")(x)
     x = Dropout(self.dropout)(x, deterministic=deterministic)
     for i in range(self.depth):
-      if before_block is not None:
-        x = before_block(i, x)
-      x = self.make_block(i)(x, deterministic=deterministic)
+      block = functools.partial(self.make_block(i), deterministic=deterministic)
+      x = common.run_block(i, block, x, block_hook)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
 
 

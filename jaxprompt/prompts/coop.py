@@ -40,8 +40,9 @@ Deliberate deviations:
     token count whenever each word is one BPE token, the only case CoOp's slicing handles).
   * The text tower runs on the first max(EOT)+1 positions instead of all 77: the causal mask makes
     the EOT features identical, it is only cheaper.
-  * Only ViT image towers: the trainer spine carries the 'params' collection only, and CLIP's
-    ResNet towers need their BatchNorm statistics.
+ResNet image towers (RN50 ...) run on their frozen BatchNorm running statistics: CoOp registers
+only the prompt learner with Dassl, so the CLIP that `clip.load` put in `eval()` stays in eval
+mode while the context trains (LMPT differs, see `lmpt.py`).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprompt import method
 from jaxprompt.models import clip, clip_tokenizer, common
 
 # Parameters that train; everything else (CLIP, logit scale included) is frozen.
@@ -261,13 +263,8 @@ def coop_prompts(vocab_path: str, context_length: int, class_names: tuple[str, .
 
 
 def clip_config(variant: str, dtype) -> dict:
-  """`clip.Model` fields of a ViT variant (ResNet towers are refused, see the module docstring)."""
-  config = clip.decode_variant(variant)
-  if not isinstance(config["vision_layers"], int):
-    raise NotImplementedError(
-        f"CLIP variant {variant!r} has a ResNet image tower, whose BatchNorm statistics the "
-        "trainer does not carry yet; use a ViT variant (e.g. 'ViT-B/16', 'ViT-B/32').")
-  return dict(config, dtype=dtype)
+  """`clip.Model` fields of a released (or tiny) CLIP variant, ViT or ResNet."""
+  return dict(clip.decode_variant(variant), dtype=dtype)
 
 
 class PromptCLIP(nn.Module):
@@ -311,7 +308,8 @@ class PromptCLIP(nn.Module):
                                                            self.layout.eot_index))
 
   def __call__(self, images, *, train: bool = False):
-    image_features = clip.normalize(self.clip.encode_image(images, train=train))
+    del train  # the CLIP stays in eval mode (ResNet BatchNorm on running statistics)
+    image_features = clip.normalize(self.clip.encode_image(images, train=False))
     text_features = self.encode_prompts()
     logits = jnp.exp(self.clip.logit_scale) * image_features @ text_features.T
     return logits, {"image_features": image_features, "text_features": text_features}
@@ -336,11 +334,45 @@ class Model(PromptCLIP):
                         self.n_ctx, self.ctx_init, self.csc, self.class_token_position)
 
 
-def load(init_params, path: str):
-  """Loads CLIP weights (see `clip.load`) into `clip/...`; the context keeps its init, except
-  that context rows initialised from words (`ctx_init`) are re-read from the loaded token
-  embedding: a row equal to row i of the initial table becomes row i of the loaded one."""
-  loaded = clip.load({"params": init_params["clip"]}, path)["params"]
+def clip_predict_fns(model: PromptCLIP) -> dict:
+  """The frozen CLIP inside a `PromptCLIP` model (CoOp, RPL, LMPT) as the evaluators' predict
+  functions (`jaxprompt/evaluators/common.py`): 'embed_image' (variables, images) -> (B, E) and
+  'embed_text' (variables, token ids (N, L)) -> (N, E), both L2-normalised float32;
+  'logit_scale' (variables) -> exp(clip/logit_scale); 'tokenize' (list of str) -> int32 (N, 77),
+  host-side, with the model's vocabulary. `variables` = {'params': {'clip': ..., ...}, and for a
+  ResNet tower 'batch_stats': {'clip': ...}} (used in eval mode)."""
+  tower = clip.Model(**clip_config(model.variant, model.dtype))
+
+  def apply(variables, inputs, method):
+    clip_variables = {c: tree["clip"] for c, tree in variables.items() if "clip" in tree}
+    features = tower.apply(clip_variables, inputs, method=method)
+    return clip.normalize(features.astype(jnp.float32))
+
+  def tokenize(texts):  # the tokenizer loads on first use
+    tokenizer = get_tokenizer(model.vocab_path, tower.context_length)
+    return np.asarray(tokenizer(list(texts)), np.int32)
+
+  return {"embed_image": lambda variables, images: apply(variables, images,
+                                                         clip.Model.encode_image),
+          "embed_text": lambda variables, ids: apply(variables, ids, clip.Model.encode_text),
+          "logit_scale": lambda variables: jnp.exp(variables["params"]["clip"]["logit_scale"]),
+          "tokenize": tokenize}
+
+
+def load_clip(variables, path: str):
+  """CLIP weights (see `clip.load`) into the `clip` subtree of every collection of `variables`
+  (params, and BatchNorm statistics for ResNet towers); the rest is returned unchanged."""
+  loaded = clip.load({c: tree["clip"] for c, tree in variables.items() if "clip" in tree}, path)
+  return {c: {**tree, "clip": loaded[c]} if c in loaded else tree for c, tree in variables.items()}
+
+
+def load(variables, path: str):
+  """Loads CLIP weights (`load_clip`); the context keeps its init, except that context rows
+  initialised from words (`ctx_init`) are re-read from the loaded token embedding: a row equal to
+  row i of the initial table becomes row i of the loaded one."""
+  loaded_variables = load_clip(variables, path)
+  init_params = variables["params"]
+  loaded = loaded_variables["params"]["clip"]
   init_table = np.asarray(init_params["clip"]["token_embedding"]["embedding"])
   new_table = np.asarray(loaded["token_embedding"]["embedding"])
 
@@ -354,4 +386,9 @@ def load(init_params, path: str):
     return rows.reshape(ctx.shape)
 
   contexts = {name: reread_words(ctx) for name, ctx in init_params["prompt_learner"].items()}
-  return {**init_params, "clip": loaded, "prompt_learner": contexts}
+  return {**loaded_variables, "params": {**loaded_variables["params"],
+                                         "prompt_learner": contexts}}
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS, loaders={"model": load},
+                       predict_fns=clip_predict_fns)

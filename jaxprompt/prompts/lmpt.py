@@ -18,21 +18,26 @@ and `lmpt/csel.py` (the method section of the paper):
     text transformer) at [m, 77), m = `m_ctx` = 2. `m_ctx` is only this offset, no second context.
     Without the embedding loss (`cse=False`) the loss is L_cls alone (the seed's non-LMPT
     `training_method`s, i.e. CoOp with the multi-label loss).
-  * evaluation (`make_metrics`): softmax-over-classes scores, mAP, head/medium/tail mAP and
-    CP/CR/CF1/OP/OR/OF1 at `threshold` 0.3 (`multilabel_metrics.evaluate`).
+  * evaluation (the 'multilabel' evaluator, `evaluators/multilabel.py`): softmax-over-classes
+    scores, mAP, head/medium/tail mAP and CP/CR/CF1/OP/OR/OF1 at `config.lmpt.threshold` 0.3.
   * the fine-tuned CLIP baseline of the seed (`finetune_clip/fc.py`) is `classifier='linear'`: a
     linear head (`head/...`, the only trained params) on the unnormalised CLIP image features,
     trained with the same loss options and no embedding loss. The zero-shot baseline is
-    `python -m jaxprompt.zeroshot` on an LMPT config (it reports the metrics of `make_metrics`).
+    `python -m jaxprompt.zeroshot` on an LMPT config (it reports the multi-label metrics).
 
 The settings of the loss and the metrics live in `config.lmpt` (see `LOSS_DEFAULTS`); the model's
 in `config.model`. Batches: 'image', 'labels' (B, C) multi-hot, and in training 'caption_tokens'
 (B, 77), which the data source tokenises with the model's vocabulary (`source_kwargs`).
 
-Deliberate deviations (see also losses.py for the switches of the embedding loss):
+Deliberate deviations (see also lmpt_losses.py for the switches of the embedding loss):
   * `count_transform='raw'` by default: the seed softmaxes the raw class counts, which underflows
     to zeros on real counts (infinite margins, NaN weights; its issues #5, #7); 'softmax' keeps it.
-  * fp32 (the seed converts CLIP and the context to fp16); ViT towers only (as `coop.py`).
+  * fp32 (the seed converts CLIP and the context to fp16).
+
+Followed although it looks accidental: the seed calls `model.train()` on the whole CustomCLIP every
+epoch, so a ResNet tower's frozen BatchNorm normalises with batch statistics in training and its
+running statistics drift (ViT towers have no BatchNorm). `METHOD.mutable = ('batch_stats',)` does
+the same here, and the drifted statistics are checkpointed with the context.
   * fine-tune baseline: flax's default Dense init (torch: Linear's uniform init), and the head
     width follows the CLIP variant (the seed hard-codes 1024, RN50's width).
 """
@@ -42,13 +47,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxprompt import losses, multilabel_metrics
+from jaxprompt import method
 from jaxprompt.models import clip
 from jaxprompt.prompts import coop
+from jaxprompt.prompts import lmpt_losses as losses
 
 # The context (LMPT) or the linear head (fine-tune baseline) trains; CLIP is frozen.
 TRAINABLE_PARAMS = r"(prompt_learner|head)/.*"
-MODEL_INPUTS = ("caption_tokens",)
 CLASSIFIERS = ("prompt", "linear")
 # config.lmpt: the seed's train.py flags (README run) and test.py's threshold.
 LOSS_DEFAULTS = dict(
@@ -61,7 +66,7 @@ LOSS_DEFAULTS = dict(
     cse_margin=losses.CSE_MARGIN, cse_gamma=losses.CSE_GAMMA,
     count_transform="raw",    # 'softmax' = as released (NaN on real counts)
     sign="as_coded",          # or 'hinge_embedding'
-    threshold=multilabel_metrics.DEFAULT_THRESHOLD)
+    threshold=0.3)  # test.py --thre; read by the 'multilabel' evaluator
 
 
 class Model(coop.Model):
@@ -170,16 +175,14 @@ def make_loss(config, source):
   return loss
 
 
-def make_metrics(config, source):
-  """metrics(logits, labels) -> mAP, head/medium/tail mAP, CP ... OF1 (see module docstring)."""
-  _check_source(source)
-  threshold = settings(config).threshold
-  return lambda logits, labels: multilabel_metrics.evaluate(labels, logits, source.class_groups,
-                                                            threshold)
-
-
-def load(init_params, path: str):
+def load(variables, path: str):
   """CLIP weights into `clip/...` (`coop.load`); the context or the head keeps its init."""
-  if "prompt_learner" in init_params:
-    return coop.load(init_params, path)
-  return {**init_params, "clip": clip.load({"params": init_params["clip"]}, path)["params"]}
+  if "prompt_learner" in variables["params"]:
+    return coop.load(variables, path)
+  return coop.load_clip(variables, path)
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS, loaders={"model": load},
+                       optional_inputs=("caption_tokens",), make_loss=make_loss,
+                       predict_fns=coop.clip_predict_fns, source_kwargs=source_kwargs,
+                       mutable=("batch_stats",))

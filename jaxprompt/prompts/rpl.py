@@ -30,12 +30,12 @@ from __future__ import annotations
 import functools
 
 from input_pipeline import object_crops
+from jaxprompt import method
 from jaxprompt.models import common
 from jaxprompt.prompts import coop
 
 TRAINABLE_PARAMS = coop.TRAINABLE_PARAMS  # prompt_learner/ctx1 and prompt_learner/ctx2
 SEPARATOR = object_crops.DESCRIPTION_SEPARATOR
-load = coop.load  # CLIP weights into clip/...; the random contexts keep their init
 
 
 def split_category(entry: str) -> tuple[str, str]:
@@ -110,3 +110,8 @@ class Model(coop.PromptCLIP):
   def category_embeddings(self):
     """Unnormalised text features of every category's prompt, (num_classes, E), float32."""
     return self.clip.encode_text_embeddings(self.prompt_embeddings(), self.layout.eot_index)
+
+
+# CLIP weights into clip/... (`coop.load`); the random contexts keep their init.
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS, loaders={"model": coop.load},
+                       predict_fns=coop.clip_predict_fns)

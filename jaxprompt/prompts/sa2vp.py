@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt import optim
+from jaxprompt import method, optim
 from jaxprompt.models import common, vit
 
 # Parameters that train: the prompt maps and their projections, the cross adapters' LayerNorm and
@@ -207,3 +207,7 @@ def make_loss(config, source):
 def load(init_params, path: str):
   """Loads a ViT checkpoint (Google .npz or Hugging Face) into an SA2VP param tree."""
   return vit.load(init_params, path, dont_load=(TRAINABLE_PARAMS,))
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS,
+                       loaders={"model": method.params_loader(load)}, make_loss=make_loss)

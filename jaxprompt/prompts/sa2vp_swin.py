@@ -43,12 +43,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxprompt import method
 from jaxprompt.models import common, swin
 from jaxprompt.prompts import sa2vp
 
 # Trainable: the prompt map and its projection, the cross adapters' LN and MLP, the head.
 TRAINABLE_PARAMS = r"patch_embed/(deep_ppt|proj_ppt/.*)|cross_block_\d+/.*|head/.*"
-make_loss = sa2vp.make_loss
 # The new Linears' effective init (the original's `_init_weights` override).
 _NEW_DENSE_INIT = dict(kernel_init=nn.initializers.normal(stddev=0.02),
                        bias_init=nn.initializers.zeros)
@@ -160,3 +160,7 @@ class Model(swin.Model):
 def load(init_params, path: str):
   """Loads a Swin checkpoint (Microsoft .pth or transformers) into an SA2VP-Swin param tree."""
   return swin.load(init_params, path, dont_load=(TRAINABLE_PARAMS,))
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS,
+                       loaders={"model": method.params_loader(load)}, make_loss=sa2vp.make_loss)

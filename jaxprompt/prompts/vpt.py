@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxprompt import method
 from jaxprompt.models import common, vit
 
 # Parameters that train; everything else (the ViT backbone) is frozen.
@@ -70,18 +71,18 @@ class Model(nn.Module):
       p = jnp.broadcast_to(p.astype(self.dtype), (batch, n, width))
       return dropout(p, deterministic=not train)
 
-    def before_block(i, x):  # x: (B, 1 + M, D) before block 0, (B, 1 + N + M, D) after
+    def block_hook(i, block, x):  # x: (B, 1 + M, D) before block 0, (B, 1 + N + M, D) after
       if i == 0:
-        return jnp.concatenate([x[:, :1], prompts_for(0, x.shape[0]), x[:, 1:]], axis=1)
-      if deep is None:
-        return x
-      return jnp.concatenate([x[:, :1], prompts_for(i, x.shape[0]), x[:, 1 + n:]], axis=1)
+        x = jnp.concatenate([x[:, :1], prompts_for(0, x.shape[0]), x[:, 1:]], axis=1)
+      elif deep is not None:
+        x = jnp.concatenate([x[:, :1], prompts_for(i, x.shape[0]), x[:, 1 + n:]], axis=1)
+      return block(x)
 
     tokens = vit.embed_patches(self, images, width=width, patch_size=v["patch_size"],
                                dtype=self.dtype)
     encoder = vit.Encoder(depth, v["mlp_dim"], v["num_heads"], layer_norm_eps=self.layer_norm_eps,
                           dtype=self.dtype, name="Transformer")
-    encoded = encoder(tokens, deterministic=True, before_block=before_block)
+    encoded = encoder(tokens, deterministic=True, block_hook=block_hook)
     pre_logits = encoded[:, 0]
     head = nn.Dense(
         self.num_classes, dtype=self.dtype,
@@ -93,3 +94,7 @@ class Model(nn.Module):
 def load(init_params, path: str):
   """Loads a ViT checkpoint (Google .npz or Hugging Face) into a VPT param tree."""
   return vit.load(init_params, path, dont_load=(TRAINABLE_PARAMS,))
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS,
+                       loaders={"model": method.params_loader(load)})

@@ -33,6 +33,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxprompt import method
 from jaxprompt.models import common, swin
 from jaxprompt.prompts import vpt
 
@@ -110,3 +111,7 @@ class Model(swin.Model):
 def load(init_params, path: str):
   """Loads a Swin checkpoint (Microsoft .pth or transformers) into a VPT-Swin param tree."""
   return swin.load(init_params, path, dont_load=(TRAINABLE_PARAMS,))
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS,
+                       loaders={"model": method.params_loader(load)})

@@ -1,8 +1,24 @@
-"""Shared by the tests that take a few real train steps through `train.build(config)`."""
+"""Helpers shared by the tests (import them with `from conftest import ...`): a tiny VPT config
+with overrides, the first training batches of an experiment, a few real train steps, and the
+check that only trainable params changed."""
 import numpy as np
 
+from configs import vpt_vtab
 from input_pipeline import pipeline
 from jaxprompt import optim, sharding
+
+
+def tiny_config(**overrides):
+  """`configs/vpt_vtab.py:runlocal` (the embedded demo, 4 steps) with dotted-key overrides."""
+  config = vpt_vtab.get_config("runlocal")
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
 
 
 def train_batches(exp, n: int, seed: int = 0) -> list:

@@ -1,6 +1,7 @@
 """Multi-label evaluation as LMPT reports it: mAP, head/medium/tail mAP, thresholded P/R/F1.
 
-Host-side numpy, on the whole split at once (drop the eval padding first: `batch['_mask']`).
+Host-side numpy on the whole split at once: the evaluator gathers the logits and multi-hot
+batch['labels'] of every real example (padding rows, '_mask' False, dropped), then scores them.
 Follows LMPT (Richard88888/LMPT) `lmpt/metrics.py` (`eval_map`, `ltAnalysis`) and `lmpt/test.py`:
 
   * Scores are the **softmax over classes** of the logits (`nn.Softmax(dim=1)` in train.py and
@@ -9,18 +10,26 @@ Follows LMPT (Richard88888/LMPT) `lmpt/metrics.py` (`eval_map`, `ltAnalysis`) an
     over the distinct scores in decreasing order, tied scores form one step); mAP = the unweighted
     mean over classes. `average_precision` reimplements it (no sklearn dependency); a class with
     no positive example gets AP 0, as sklearn ≥ 1.1 gives (with a warning; older versions NaN).
-  * head / medium / tail mAP: mean AP over `multilabel_lt.class_groups` (training counts ≥ 100,
-    [20, 100), < 20); an empty group gives NaN (the seed divides by zero).
+  * head / medium / tail mAP: mean AP over the data source's `class_groups`
+    (`multilabel_lt.class_groups`: training counts ≥ 100, [20, 100), < 20); an empty group gives
+    NaN (the seed divides by zero). Sources without `class_groups` report mAP alone.
   * `--thre` (test.py, 0.3): predictions = softmax score > threshold (strictly). Per class
     precision and recall are 0 for a class with no true positive; CP, CR = their means; **CF1 =
     the mean of the per-class F1**, not the F1 of CP and CR. OP, OR over all (image, class)
     pairs; OF1 = 2·OP·OR/(OP + OR). Returned as fractions (test.py prints them ×100, mAP not).
     Deviation: where the seed divides 0 by 0 (no positive predictions at all: OP; OP = OR = 0:
     OF1) it prints NaN; 0 is returned here.
+
+  config.evals.test = dict(type='multilabel', split='test', threshold=0.3)
+
+`threshold` defaults to `config.lmpt.threshold` when the config has one, else 0.3.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from jaxprompt.evaluators import classification, common
 
 DEFAULT_THRESHOLD = 0.3  # test.py --thre
 
@@ -112,3 +121,63 @@ def evaluate(labels, logits, groups: dict[str, np.ndarray] | None = None,
   if threshold is not None:
     results.update(threshold_metrics(labels, scores, threshold))
   return results
+
+
+def threshold_setting(config, threshold) -> float:
+  """`threshold`, else config.lmpt.threshold, else `DEFAULT_THRESHOLD`; checked in (0, 1)."""
+  if threshold is None:
+    threshold = ((config.get("lmpt") if config is not None else None) or {}).get(
+        "threshold", DEFAULT_THRESHOLD)
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+      not 0 < threshold < 1:
+    raise ValueError(f"threshold={threshold!r}: expected a number in (0, 1) (scores are softmax "
+                     "probabilities).")
+  return float(threshold)
+
+
+def gather(evaluator: common.Evaluator, step, batches, variables) -> tuple[np.ndarray, np.ndarray]:
+  """(logits, labels) of every real example: `step(variables, batch)` -> (logits, labels, mask)
+  per batch, replicated, then the padding dropped on the host."""
+  outputs = []
+  for batch in batches:
+    if not outputs:
+      classification.check_batch(evaluator, batch, "labels", "_mask")
+    outputs.append(jax.device_get(step(variables, batch)))
+  if not outputs:
+    raise ValueError(f"Split {evaluator.split!r} of evaluator {evaluator.name!r} gave no batches.")
+  logits, labels, mask = (np.concatenate(parts) for parts in zip(*outputs))
+  keep = mask.astype(bool)
+  return logits[keep], labels[keep]
+
+
+def metric_names(source, threshold) -> tuple[str, ...]:
+  """The names `report` returns for `source` (its class groups) and `threshold`."""
+  groups = getattr(source, "class_groups", None) or {}
+  thresholded = ("CP", "CR", "CF1", "OP", "OR", "OF1") if threshold is not None else ()
+  return ("mAP", *(f"{g}_mAP" for g in groups), *thresholded, "examples")
+
+
+def report(evaluator: common.Evaluator, logits, labels, threshold: float) -> dict[str, float]:
+  groups = getattr(evaluator.ctx.source, "class_groups", None)
+  return {**evaluate(labels, logits, groups, threshold), "examples": int(len(labels))}
+
+
+@common.register("multilabel")
+class MultilabelEvaluator(common.Evaluator):
+  """'mAP', '<group>_mAP', 'CP' ... 'OF1' and 'examples' of the method's 'logits' against
+  batch['labels'] (multi-hot) on `split`."""
+  NEEDS = ("logits",)
+
+  def __init__(self, ctx: common.EvalContext, *, split: str, threshold: float | None = None):
+    super().__init__(ctx, split=split)
+    self.threshold = threshold_setting(ctx.config, threshold)
+    logits_fn = ctx.predict_fns["logits"]
+    self._step = self.jit(lambda variables, batch: (
+        logits_fn(variables, batch), batch["labels"], batch["_mask"]), key="step")
+
+  def metric_names(self) -> tuple[str, ...]:
+    return metric_names(self.ctx.source, self.threshold)
+
+  def run(self, variables) -> dict[str, float]:
+    logits, labels = gather(self, self._step, self.ctx.batches(self.split), variables)
+    return report(self, logits, labels, self.threshold)

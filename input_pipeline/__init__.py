@@ -4,8 +4,9 @@ One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`,
 `multilabel_lt.py`, `folder.py`, `embedded*.py`), all implementing `base.DataSource`
 (`file_list.py` holds the source that the file-list families share); `preprocess.py` builds the
 per-example transforms from a pp spec ('resize(224)|flip_lr|...': `pp_registry.py` parses and
-composes it, `pp_ops.py` holds the ops) and `pipeline.py` the batched train/eval streams. The
-pipeline knows nothing about models.
+composes it, `pp_ops.py` and `pp_ops_text.py` hold the ops) and `pipeline.py` the batched
+train/eval streams. The pipeline knows nothing about models (`clip_tokenize` borrows the text
+tower's vocabulary reader).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from input_pipeline import pp_ops, pp_registry
+from input_pipeline import pp_ops, pp_ops_text, pp_registry  # noqa: F401  (registers ops)
 
 IMAGENET_MEAN, IMAGENET_STD = pp_ops.IMAGENET_MEAN, pp_ops.IMAGENET_STD
 INCEPTION_MEAN, INCEPTION_STD = pp_ops.INCEPTION_MEAN, pp_ops.INCEPTION_STD

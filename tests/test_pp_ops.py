@@ -360,3 +360,30 @@ def test_random_resized_crop_fallback_matches_torchvision(height, width, scale, 
                                                     "bicubic", antialias=True), 0.0, 255.0)
   np.testing.assert_array_equal(out, expected_image)
   assert math.isclose(ratio[0], min(ratio))
+
+
+# ---------------------------------------------------------------- decode and CLIP tokenisation
+
+def test_decode_op_reads_encoded_bytes_and_passes_decoded_images():
+  image = np.random.default_rng(1).integers(0, 256, (5, 7, 3), np.uint8)
+  encoded = tf.io.encode_png(image)
+  fn = preprocess.make_preprocess_fn("decode|value_range(0, 1)")
+  np.testing.assert_allclose(fn({"image": encoded})["image"], image / 255.0, rtol=1e-6)
+  np.testing.assert_allclose(fn({"image": image})["image"], image / 255.0, rtol=1e-6)
+
+
+def test_clip_tokenize_op_equals_the_tokenizer_inside_tf_data():
+  from input_pipeline import embedded_clip  # pylint: disable=import-outside-toplevel
+  from jaxprompt.models import clip_tokenizer  # pylint: disable=import-outside-toplevel
+  vocab = embedded_clip.byte_vocabulary()
+  captions = ["a red square.", "two blue circles (small)."]
+  fn = preprocess.make_preprocess_fn(f"clip_tokenize({vocab!r}, context_length=16)")
+  dataset = tf.data.Dataset.from_tensor_slices({"caption": captions, "image": np.zeros((2, 1))})
+  got = np.stack([e["caption_tokens"] for e in dataset.map(fn).as_numpy_iterator()])
+  expected = clip_tokenizer.Tokenizer(vocab, context_length=16)(captions, truncate=True)
+  np.testing.assert_array_equal(got, expected)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    preprocess.make_preprocess_fn("clip_tokenize('/no/such/vocab.txt.gz')")
+  with pytest.raises(KeyError, match="clip_tokenize reads 'text'"):
+    preprocess.make_preprocess_fn(f"clip_tokenize({vocab!r}, key='text')")(
+        {"caption": tf.constant("x")})

@@ -7,8 +7,9 @@ speed. The OpenAI format is tested on state dicts that the test renames into Ope
 itself (packed q,k,v `in_proj`, transposed `visual.proj`/`text_projection`, metadata scalars),
 saved plain (`torch.save`) and as a TorchScript archive. transformers has no CLIP ResNet, so the
 modified ResNet is checked against a small PyTorch reference written here from the paper's
-description, with OpenAI's parameter names. No downloads: the real BPE vocabulary is used when
-/work/shared/data/clip holds it (those tests skip otherwise); a tiny vocabulary is written here.
+description, with OpenAI's parameter names. No downloads: OpenAI's BPE vocabulary is used when
+CLIP_BPE_PATH names it (or a copy lies beside the checkout; those tests skip otherwise); a tiny
+vocabulary is written here.
 """
 import functools
 import gzip

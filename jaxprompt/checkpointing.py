@@ -119,6 +119,9 @@ def _all_finite(tree) -> bool:
       leaves))
 
 
+BEST_DIR, BEST_RECORD = "best_checkpoint", "best.json"  # in the workdir
+
+
 class BestCheckpoint:
   """The checkpoint with the best value of one evaluation metric (`config.keep_best`), kept in
   `<workdir>/best_checkpoint` beside the latest ones, with `<workdir>/best.json` = {'metric',
@@ -130,8 +133,8 @@ class BestCheckpoint:
     if mode not in ("max", "min"):
       raise ValueError(f"config.keep_best mode {mode!r}: expected 'max' or 'min'.")
     self.metric, self.mode = metric, mode
-    self._record = os.path.join(workdir, "best.json")
-    self._checkpointer = Checkpointer(os.path.join(workdir, "best_checkpoint"), keep=1)
+    self._record = os.path.join(workdir, BEST_RECORD)
+    self._checkpointer = Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
     self.best = None
     if os.path.isfile(self._record) and self._checkpointer.latest_step() is not None:
       with open(self._record) as f:

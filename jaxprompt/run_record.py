@@ -21,7 +21,7 @@ import shutil
 
 import ml_collections
 
-from jaxprompt import writers
+from jaxprompt import checkpointing, writers
 
 RECORD_FILE = "config.json"
 MAY_DIFFER = ("mode", "total_steps", "num_epochs", "log_every_steps", "evals", "keep_best",
@@ -70,7 +70,9 @@ def prepare(workdir: str, config, checkpoint_dir: str, *, write: bool = True) ->
 
   Returns warnings to log. Raises RunMismatchError when checkpoints exist, the record differs in
   a state-shaping key and `config.overwrite` is not set; with `overwrite` the old checkpoints
-  are deleted first. `write=False` (processes other than 0) only checks.
+  are deleted first. A run that starts from step 0 also drops an earlier run's best checkpoint
+  (`keep_best`), which would otherwise be compared against. `write=False` (processes other than
+  0) only checks.
   """
   path = os.path.join(workdir, RECORD_FILE)
   current = flat_config(config)
@@ -93,6 +95,10 @@ def prepare(workdir: str, config, checkpoint_dir: str, *, write: bool = True) ->
     else:
       warnings.append(f"{workdir} has checkpoints but no {RECORD_FILE} (written by older "
                       "versions): the settings of the run being resumed cannot be checked.")
+  if write and not has_checkpoints(checkpoint_dir):  # step 0: nothing of an earlier run stays
+    shutil.rmtree(os.path.join(workdir, checkpointing.BEST_DIR), ignore_errors=True)
+    if os.path.isfile(os.path.join(workdir, checkpointing.BEST_RECORD)):
+      os.remove(os.path.join(workdir, checkpointing.BEST_RECORD))
   if write:
     writers.write_json_atomic(path, current)
   return warnings

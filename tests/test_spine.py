@@ -13,7 +13,7 @@ from flax import traverse_util
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import common, lmpt_voc_lt
-from jaxprompt import evaluators, method, train
+from jaxprompt import evaluators, method, run_record, train
 from jaxprompt.prompts import vpt
 from conftest import run_steps, tiny_config  # pylint: disable=import-error
 
@@ -184,3 +184,15 @@ def test_evaluation_padding_covers_every_batch_key():
   assert 0 < real < 64 and last["_mask"].sum() == real
   assert (last["caption_tokens"][real:] == 0).all() and (last["caption_tokens"][:real] == 1).all()
   assert (last["labels"][real:] == 0).all() and last["image"].shape == (64, 8, 8, 3)
+
+
+def test_a_new_run_does_not_inherit_an_earlier_runs_best_checkpoint(tmp_path):
+  config = tiny_config(total_steps=4, keep_best=("test/accuracy", "max"))
+  train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "best.json").exists() and (tmp_path / "best_checkpoint").is_dir()
+  config = tiny_config(total_steps=2, keep_best=("test/accuracy", "max"), overwrite=True,
+                       seed=5)
+  run_record.prepare(str(tmp_path), config, str(tmp_path / "checkpoints"))
+  assert not (tmp_path / "best.json").exists() and not (tmp_path / "best_checkpoint").exists()
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["best/step"] == 2  # the new run's own best

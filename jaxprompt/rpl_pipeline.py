@@ -88,7 +88,7 @@ def read_base_inds(path: str, num_categories: int) -> list[int]:
 
 def build_rpl_model(config, entries: Sequence[str]) -> rpl.Model:
   """The config's RPL model over categories 'name_which_is_description'."""
-  _, model = train.build_model(config, len(entries), tuple(entries))
+  model = train.build_model(config, rpl.METHOD, len(entries), tuple(entries))
   if not isinstance(model, rpl.Model):
     raise ValueError(f"config.model_name={config.model_name!r}: the RPL pipeline needs "
                      "'prompts.rpl' (configs/rpl_lvis.py).")

@@ -65,16 +65,15 @@ def build_data(config, source_kwargs: dict | None = None) -> Data:
   return Data(source, *fns)
 
 
-def build_model(config, num_classes: int, class_names=None):
-  """(the method, its Model); a Model with a `class_names` field (CLIP prompt methods) gets the
-  data source's names unless `config.model.class_names` sets them."""
-  method = method_lib.load_method(config.model_name)
+def build_model(config, method: method_lib.Method, num_classes: int, class_names=None):
+  """The method's Model; one with a `class_names` field (CLIP prompt methods) gets the data
+  source's names unless `config.model.class_names` sets them."""
   kwargs = dict(config.model)
   if "class_names" in getattr(method.model, "__dataclass_fields__", {}) and \
       not kwargs.get("class_names") and class_names is not None:
     kwargs["class_names"] = tuple(class_names)
   dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  return method, method.model(num_classes=num_classes, dtype=dtype, **kwargs)
+  return method.model(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def variables(state) -> dict:
@@ -171,7 +170,7 @@ class Experiment:
   steps_per_epoch: int
   train_step: object  # jitted (state, batch) -> (state, metrics); donates state
   evaluators: dict  # name -> evaluators.Evaluator
-  eval_batch_size: int  # config.eval_batch_size rounded up to a multiple of the devices
+  eval_context: evaluators.EvalContext  # what they run on (also for evaluators built later)
 
   def checkpointed(self, state) -> dict:
     """The part of `state` a checkpoint holds: trainable params, optimizer state, step, and the
@@ -201,8 +200,8 @@ def build(config) -> Experiment:
   data = build_data(config, method.source_kwargs(config) if method.source_kwargs else {})
   if config.mode == "train":
     data.source.check_split(config.train_split)
-  method, model = build_model(config, data.source.num_classes,
-                              getattr(data.source, "class_names", None))
+  model = build_model(config, method, data.source.num_classes,
+                      getattr(data.source, "class_names", None))
   inputs = init_inputs(method, data, config)
   parts = method_lib.model_init_parts(config.get("model_init"), method, config.model_name)
   variables_, var_shardings = init_variables(model, inputs, method.loaders, parts, seed=config.seed,
@@ -215,10 +214,11 @@ def build(config) -> Experiment:
       if config.train_split in data.source.splits else 1
   total_steps, warmup_steps = schedule_lengths(config, steps_per_epoch)
   loss_fn = (method.make_loss or method_lib.cross_entropy_loss)(config, data.source)
-  evals = evaluators.from_config(config.evals, evaluators.EvalContext(
-      config, data.source, mesh, evaluators.eval_batches(data.source, data.eval_pp,
-                                                         eval_batch_size, mesh),
-      method_lib.predict_functions(method, model, loss_fn)))
+  eval_context = evaluators.EvalContext(
+      config, data.source, mesh,
+      evaluators.eval_batches(data.source, data.eval_pp, eval_batch_size, mesh),
+      method_lib.predict_functions(method, model, loss_fn))
+  evals = evaluators.from_config(config.evals, eval_context)
   if optim.plateau_settings(config.optim) and not any(
       e.interval(steps_per_epoch) for e in evals.values()):
     raise ValueError("optim.plateau steps on evaluation metrics: give an evaluator every_steps "
@@ -244,7 +244,7 @@ def build(config) -> Experiment:
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   return Experiment(config, mesh, data, method, model, labels, schedule, state, state_shardings,
-                    total_steps, steps_per_epoch, train_step, evals, eval_batch_size)
+                    total_steps, steps_per_epoch, train_step, evals, eval_context)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

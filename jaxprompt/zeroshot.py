@@ -16,14 +16,6 @@ from typing import Sequence
 from jaxprompt import train
 from jaxprompt.evaluators import common
 from jaxprompt.evaluators.zeroshot import parse_templates
-from jaxprompt.prompts import coop
-
-
-def context(exp) -> common.EvalContext:
-  """The evaluators' view of a built experiment: its data, mesh and CLIP functions."""
-  batches = common.eval_batches(exp.data.source, exp.data.eval_pp, exp.eval_batch_size, exp.mesh)
-  return common.EvalContext(exp.config, exp.data.source, exp.mesh, batches,
-                            coop.clip_predict_fns(exp.model))
 
 
 def metrics_kind(source) -> str:
@@ -37,7 +29,7 @@ def evaluate(exp, templates: Sequence[str], split: str) -> dict:
   multi-label metrics)."""
   entry = {"type": "zeroshot", "split": split, "templates": tuple(templates),
            "metrics": metrics_kind(exp.data.source)}
-  evaluator = common.build(f"zeroshot_{split}", entry, context(exp))
+  evaluator = common.build(f"zeroshot_{split}", entry, exp.eval_context)
   return {f"{split}/{k}": v for k, v in evaluator.run(train.variables(exp.state)).items()}
 
 

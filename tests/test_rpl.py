@@ -284,7 +284,7 @@ def test_embed_reproduces_the_trained_models_text_features(one_round, demo):
   # The trainer's model (6 base classes, initialised as train.build does) has the CLIP that embed
   # uses, and with the trained contexts gives embed's features, normalised, for those classes.
   source = FolderSource(demo.round1)
-  _, model = train.build_model(config, source.num_classes, source.class_names)
+  model = train.build_model(config, rpl.METHOD, source.num_classes, source.class_names)
   image = jnp.zeros((1, 32, 32, 3))
   params = jax.jit(lambda rng: model.init(rng, image)["params"])(jax.random.PRNGKey(config.seed))
   assert jax.tree.all(jax.tree.map(np.array_equal, params["clip"],

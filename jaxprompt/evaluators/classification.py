@@ -14,7 +14,6 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxprompt.evaluators import common
 
@@ -28,28 +27,13 @@ def masked_sums(logits, loss, batch) -> dict:
           "count": jnp.sum(mask)}
 
 
-def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-  """Per-example softmax cross-entropy on integer labels, optionally label-smoothed."""
-  targets = jax.nn.one_hot(labels, logits.shape[-1])
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def check_batch(evaluator: common.Evaluator, batch: dict, *keys: str) -> None:
-  missing = [k for k in keys if k not in batch]
-  if missing:
-    raise ValueError(f"The {evaluator.TYPE!r} evaluator {evaluator.name!r} needs batches with "
-                     f"{missing}; split {evaluator.split!r} has {sorted(batch)}.")
-
-
 def accuracy_and_loss(evaluator: common.Evaluator, step: Callable, batches: Iterable[dict],
                       *args) -> dict[str, float]:
   """Adds up `step(*args, batch)` (-> `masked_sums`) over `batches`: accuracy, loss, examples."""
   totals = None
   for batch in batches:
     if totals is None:
-      check_batch(evaluator, batch, "label", "_mask")
+      common.check_batch(evaluator, batch, "label", "_mask")
     sums = step(*args, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:

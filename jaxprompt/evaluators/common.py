@@ -23,6 +23,7 @@ import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprompt import sharding
@@ -112,6 +113,31 @@ class Evaluator:
     """The metrics `run` returns (unprefixed), known before it runs: `config.keep_best` is
     checked against them at start."""
     raise NotImplementedError
+
+
+def check_batch(evaluator: Evaluator, batch: dict, *keys: str) -> None:
+  """The batch has `keys`; else an error naming the evaluator, its split and the batch's keys."""
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ValueError(f"The {evaluator.TYPE!r} evaluator {evaluator.name!r} needs batches with "
+                     f"{missing}; split {evaluator.split!r} has {sorted(batch)}.")
+
+
+def gather(evaluator: Evaluator, step: Callable, batches: Iterable[dict], *args,
+           keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+  """The outputs of `step(*args, batch) -> (*outputs, mask)` over every batch (replicated, so any
+  process can read them), concatenated on the host with the padding rows dropped. `keys`: the
+  batch keys the step reads, checked on the first batch."""
+  parts = []
+  for batch in batches:
+    if not parts:
+      check_batch(evaluator, batch, *keys, "_mask")
+    parts.append(jax.device_get(step(*args, batch)))
+  if not parts:
+    raise ValueError(f"Split {evaluator.split!r} of evaluator {evaluator.name!r} gave no batches.")
+  *outputs, mask = (np.concatenate(column) for column in zip(*parts))
+  keep = mask.astype(bool)
+  return tuple(output[keep] for output in outputs)
 
 
 def _entry_dict(name: str, entry) -> dict:

@@ -26,10 +26,9 @@ Follows LMPT (Richard88888/LMPT) `lmpt/metrics.py` (`eval_map`, `ltAnalysis`) an
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from jaxprompt.evaluators import classification, common
+from jaxprompt.evaluators import common
 
 DEFAULT_THRESHOLD = 0.3  # test.py --thre
 
@@ -135,21 +134,6 @@ def threshold_setting(config, threshold) -> float:
   return float(threshold)
 
 
-def gather(evaluator: common.Evaluator, step, batches, variables) -> tuple[np.ndarray, np.ndarray]:
-  """(logits, labels) of every real example: `step(variables, batch)` -> (logits, labels, mask)
-  per batch, replicated, then the padding dropped on the host."""
-  outputs = []
-  for batch in batches:
-    if not outputs:
-      classification.check_batch(evaluator, batch, "labels", "_mask")
-    outputs.append(jax.device_get(step(variables, batch)))
-  if not outputs:
-    raise ValueError(f"Split {evaluator.split!r} of evaluator {evaluator.name!r} gave no batches.")
-  logits, labels, mask = (np.concatenate(parts) for parts in zip(*outputs))
-  keep = mask.astype(bool)
-  return logits[keep], labels[keep]
-
-
 def metric_names(source, threshold) -> tuple[str, ...]:
   """The names `report` returns for `source` (its class groups) and `threshold`."""
   groups = getattr(source, "class_groups", None) or {}
@@ -179,5 +163,6 @@ class MultilabelEvaluator(common.Evaluator):
     return metric_names(self.ctx.source, self.threshold)
 
   def run(self, variables) -> dict[str, float]:
-    logits, labels = gather(self, self._step, self.ctx.batches(self.split), variables)
+    logits, labels = common.gather(self, self._step, self.ctx.batches(self.split), variables,
+                                   keys=("labels",))
     return report(self, logits, labels, self.threshold)

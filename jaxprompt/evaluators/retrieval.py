@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprompt import sharding
-from jaxprompt.evaluators import classification, common
+from jaxprompt.evaluators import common
 
 
 def sharded_top_k(index: np.ndarray, queries: np.ndarray, k: int, mesh=None, *,
@@ -105,16 +105,8 @@ class RetrievalEvaluator(common.Evaluator):
 
   def embed(self, variables) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, E), captions (N, E)) of every real pair of the split."""
-    outputs = []
-    for batch in self.ctx.batches(self.split):
-      if not outputs:
-        classification.check_batch(self, batch, "image", "caption_tokens", "_mask")
-      outputs.append(jax.device_get(self._step(variables, batch)))
-    if not outputs:
-      raise ValueError(f"Split {self.split!r} of evaluator {self.name!r} gave no batches.")
-    images, texts, mask = (np.concatenate(parts) for parts in zip(*outputs))
-    keep = mask.astype(bool)
-    return images[keep], texts[keep]
+    return common.gather(self, self._step, self.ctx.batches(self.split), variables,
+                         keys=("image", "caption_tokens"))
 
   def metric_names(self) -> tuple[str, ...]:
     return (*(f"{d}_R@{k}" for d in ("img2txt", "txt2img") for k in self.ks), "examples")

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprompt import optim
 from jaxprompt.evaluators import classification, common, multilabel
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -127,7 +128,7 @@ class ZeroShotEvaluator(common.Evaluator):
       def step(variables, classifier, batch):
         out = logits(fns, variables, batch["image"], classifier)
         return classification.masked_sums(
-            out, classification.cross_entropy(out, batch["label"], smoothing), batch)
+            out, optim.cross_entropy(out, batch["label"], out.shape[-1], smoothing), batch)
     else:
       def step(variables, classifier, batch):
         return (logits(fns, variables, batch["image"], classifier), batch["labels"],
@@ -148,6 +149,6 @@ class ZeroShotEvaluator(common.Evaluator):
     batches = self.ctx.batches(self.split)
     if self.metrics == "classification":
       return classification.accuracy_and_loss(self, self._step, batches, variables, classifier)
-    logits_labels = multilabel.gather(
-        self, lambda v, batch: self._step(v, classifier, batch), batches, variables)
+    logits_labels = common.gather(self, self._step, batches, variables, classifier,
+                                  keys=("image", "labels"))
     return multilabel.report(self, *logits_labels, self.threshold)

@@ -1,20 +1,23 @@
 """Datasets by name: `get_source('vtab/cifar')`, `('folder', root=...)`, `('embedded/shapes')`.
 
 One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`,
-`multilabel_lt.py`, `folder.py`, `embedded*.py`), all implementing `base.DataSource`
-(`file_list.py` holds the source that the file-list families share); `preprocess.py` builds the
-per-example transforms from a pp spec ('resize(224)|flip_lr|...': `pp_registry.py` parses and
-composes it, `pp_ops.py` and `pp_ops_text.py` hold the ops) and `pipeline.py` the batched
-train/eval streams. The pipeline knows nothing about models (`clip_tokenize` borrows the text
-tower's vocabulary reader).
+`multilabel_lt.py`, `folder.py`, `coco_detection.py`, `odinw.py`, `embedded*.py`), all
+implementing `base.DataSource` (`file_list.py` holds the source that the file-list families share;
+`detection.py` the detection contract: boxes and the grounding caption of `grounding.py`);
+`preprocess.py` builds the per-example transforms from a pp spec ('resize(224)|flip_lr|...':
+`pp_registry.py` parses and composes it, `pp_ops.py`, `pp_ops_text.py` and `pp_ops_boxes.py` hold
+the ops) and `pipeline.py` the batched train/eval streams. The pipeline knows nothing about models
+(`clip_tokenize` borrows the text tower's vocabulary reader).
 """
 from __future__ import annotations
 
 import functools
 
+from input_pipeline import coco_detection, odinw
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.embedded import ShapesSource
 from input_pipeline.embedded_clip import NamedShapesSource
+from input_pipeline.embedded_detection import DetectionShapesSource
 from input_pipeline.embedded_multilabel import MultilabelShapesSource
 from input_pipeline.fgvc import FGVC_DATASETS, FgvcSource
 from input_pipeline.folder import FolderSource
@@ -22,6 +25,7 @@ from input_pipeline.hta import HTA_DATASETS, make_hta_source
 from input_pipeline.multilabel_lt import MULTILABEL_LT_DATASETS, MultilabelLtSource
 from input_pipeline.vtab import VTAB_TASKS, VtabSource
 from input_pipeline.vtab_files import VtabFilesSource
+
 
 def _family(prefix: str, members, make) -> dict:
   """'{prefix}/{member}' -> a factory (data_dir=None, **kwargs) -> source, for each member."""
@@ -51,6 +55,11 @@ SOURCES: dict = {
     "embedded/shapes": _in_memory(ShapesSource),
     "embedded/named_shapes": _in_memory(NamedShapesSource),
     "embedded/multilabel_lt": _in_memory(MultilabelShapesSource),
+    "embedded/detection_shapes": _in_memory(DetectionShapesSource),
+    "coco/2017": coco_detection.coco_2017,
+    "lvis/v1": coco_detection.lvis_v1,
+    "coco_json": coco_detection.coco_json,
+    **odinw.odinw_sources(),
 }
 SOURCE_NAMES = tuple(SOURCES)
 
@@ -83,6 +92,13 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
   embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed).
   embedded/multilabel_lt: generated long-tailed multi-label squares with class names and
     captions, for LMPT (kwargs: caption_chars, caption_tokenizer).
+  embedded/detection_shapes: generated detection scenes with boxes and their own BERT vocabulary,
+    for GLIP (kwargs: vocab, max_text_len, separator, caption_prompts).
+  coco/2017, lvis/v1, coco_json: COCO-format json + image folders for GLIP (coco_detection.py;
+    kwargs root= or data_dir=, or the json/image paths of coco_json; vocab, check_images,
+    skip_bad_images, ...).
+  odinw/<dataset>: the ODinW-13/35 datasets in GLIP's DATASET/odinw layout (odinw.py; kwargs
+    root= or data_dir=, vocab, version, shots, seed, override_category, caption_prompt, ...).
   """
   if name not in SOURCES:
     raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from input_pipeline import pp_ops, pp_ops_text, pp_registry  # noqa: F401  (registers ops)
+# pp_ops_boxes and pp_ops_text are imported for their registrations.
+from input_pipeline import pp_ops, pp_ops_boxes, pp_ops_text, pp_registry  # noqa: F401
 
 IMAGENET_MEAN, IMAGENET_STD = pp_ops.IMAGENET_MEAN, pp_ops.IMAGENET_STD
 INCEPTION_MEAN, INCEPTION_STD = pp_ops.INCEPTION_MEAN, pp_ops.INCEPTION_STD

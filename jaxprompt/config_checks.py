@@ -120,6 +120,8 @@ def check_spine(config) -> None:
               "warmup_init"):
     _number_at_least(config, f"optim.{key}", 0.0)
   _int_at_least(config, "optim.grad_accum_steps", 1, default=1)
+  _require(optim.get("decay", "cosine") in ("cosine", "multistep"), "optim.decay",
+           optim.get("decay"), "'cosine' or 'multistep'")
   momentum = optim.get("momentum", 0.9)
   _require(momentum is None or 0.0 <= momentum < 1.0, "optim.momentum", momentum,
            "a number in [0, 1)")

@@ -24,9 +24,9 @@ imported and a module without `METHOD` is an error naming it, never a silent fal
     with the strict key check of `models.common.merge_params`.
   * `make_loss(config, source) -> loss(logits, aux, batch)`: per-example losses (or one scalar
     for the batch); None: softmax cross-entropy on batch['label'] with `config.label_smoothing`.
-  * `predict_fns(model) -> {name: fn}`: functions evaluators may use besides the 'logits' and
-    'loss' the trainer derives (CLIP methods: 'embed_image', 'embed_text', 'logit_scale',
-    'tokenize'; see `jaxprompt/evaluators/`).
+  * `predict_fns(model, config) -> {name: fn}`: functions evaluators may use besides the 'logits'
+    and 'loss' the trainer derives (CLIP methods: 'embed_image', 'embed_text', 'logit_scale',
+    'tokenize'; GLIP: 'detect', with its `config.glip` settings; see `jaxprompt/evaluators/`).
   * `source_kwargs(config) -> dict`: keyword arguments of the data source a config cannot hold
     (LMPT's caption tokenizer).
   * `mutable`: non-param collections that training updates through the forward pass, as the
@@ -127,9 +127,9 @@ def cross_entropy_loss(config, source):
                                                         source.num_classes, smoothing)
 
 
-def predict_functions(method: Method, model, loss_fn) -> dict[str, Callable]:
+def predict_functions(method: Method, model, loss_fn, config) -> dict[str, Callable]:
   """The functions evaluators use: 'logits' and 'loss' (variables, batch), evaluation mode, plus
-  the method's own `predict_fns(model)`."""
+  the method's own `predict_fns(model, config)`."""
 
   def logits(variables, batch):
     args, kwargs = model_inputs(method, batch)
@@ -142,7 +142,7 @@ def predict_functions(method: Method, model, loss_fn) -> dict[str, Callable]:
 
   fns = {"logits": logits, "loss": loss}
   if method.predict_fns is not None:
-    fns.update(method.predict_fns(model))
+    fns.update(method.predict_fns(model, config))
   return fns
 
 

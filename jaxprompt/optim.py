@@ -60,25 +60,56 @@ def with_trainable(params, subset):
 
 
 def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
-                  warmup_init: float = 0.0, warmup_type: str = "linear"):
-  """Warmup over `warmup_steps`, then cosine decay from `lr` to `min_lr` at `total_steps`.
+                  warmup_init: float = 0.0, warmup_type: str = "linear", decay: str = "cosine",
+                  milestones=(), decay_factor: float = 0.1):
+  """Warmup over `warmup_steps`, then a decay from `lr` (cosine to `min_lr` at `total_steps`).
 
   warmup_type 'linear' ramps from `warmup_init` to `lr` (VPT, SA2VP); 'constant' holds
   `warmup_init` (CoOp's ConstantWarmupScheduler: 1e-5 for the first epoch) and then starts the
   cosine at `lr`. This is the per-step form (optim.schedule_unit='step'); `make_epoch_schedule`
   is Dassl's per-epoch one exactly.
+
+  decay='multistep' is maskrcnn_benchmark's WarmupMultiStepLR (microsoft/GLIP
+  `maskrcnn_benchmark/solver/lr_scheduler.py`, as GLIP's yamls set it): lr times `decay_factor`
+  for every milestone passed, `milestones` given as fractions of `total_steps` (GLIP: 0.67 and
+  0.89; none: a constant lr after the warmup, as GLIP's ODinW runs whose steps come from the
+  plateau rule); the linear warmup multiplies it (the two overlap when a milestone falls in the
+  warmup, as in the original). `min_lr` does not apply to it.
   """
   if warmup_steps >= total_steps:
     raise ValueError(f"warmup_steps={warmup_steps} must be below total_steps={total_steps}.")
+  if warmup_type not in ("linear", "constant"):
+    raise ValueError(f"optim.warmup_type={warmup_type!r}: expected 'linear' or 'constant'.")
+  if decay == "multistep":
+    fractions = tuple(milestones)
+    if not all(isinstance(f, (int, float)) and 0 < f < 1 for f in fractions) \
+        or list(fractions) != sorted(fractions):
+      raise ValueError(f"optim.milestones={milestones!r}: expected increasing fractions of the "
+                       "training steps in (0, 1), e.g. (0.67, 0.89) as GLIP.")
+    boundaries = jnp.asarray([int(f * total_steps) for f in fractions])
+
+    def multistep(count):
+      steps_passed = jnp.sum(count >= boundaries)
+      decayed = lr * decay_factor ** steps_passed
+      if not warmup_steps:
+        return decayed
+      if warmup_type == "constant":
+        warm = warmup_init / lr if lr else 1.0
+      else:
+        alpha = count / warmup_steps
+        warm = (warmup_init / lr if lr else 0.0) * (1 - alpha) + alpha
+      return jnp.where(count < warmup_steps, decayed * warm, decayed)
+
+    return multistep
+  if decay != "cosine":
+    raise ValueError(f"optim.decay={decay!r}: expected 'cosine' or 'multistep'.")
   if warmup_type == "linear":
     return optax.warmup_cosine_decay_schedule(
         init_value=warmup_init, peak_value=lr, warmup_steps=warmup_steps,
         decay_steps=total_steps, end_value=min_lr)
-  if warmup_type == "constant":
-    cosine = optax.cosine_decay_schedule(lr, total_steps - warmup_steps,
-                                         alpha=min_lr / lr if lr else 0.0)
-    return optax.join_schedules([optax.constant_schedule(warmup_init), cosine], [warmup_steps])
-  raise ValueError(f"optim.warmup_type={warmup_type!r}: expected 'linear' or 'constant'.")
+  cosine = optax.cosine_decay_schedule(lr, total_steps - warmup_steps,
+                                       alpha=min_lr / lr if lr else 0.0)
+  return optax.join_schedules([optax.constant_schedule(warmup_init), cosine], [warmup_steps])
 
 
 def make_epoch_schedule(*, lr: float, num_epochs: float, warmup_epochs: int,
@@ -136,7 +167,9 @@ def make_lr_schedule(optim, *, total_steps: int, warmup_steps: int, steps_per_ep
             warmup_type=optim.get("warmup_type", "linear"))
   if unit == "step":
     return make_schedule(total_steps=total_steps // accum, warmup_steps=warmup_steps // accum,
-                         **kw)
+                         decay=optim.get("decay", "cosine"),
+                         milestones=tuple(optim.get("milestones", ()) or ()),
+                         decay_factor=optim.get("decay_factor", 0.1), **kw)
   if unit != "epoch":
     raise ValueError(f"optim.schedule_unit={unit!r}: expected one of {SCHEDULE_UNITS}.")
   if steps_per_epoch <= 0:

@@ -217,7 +217,7 @@ def build(config) -> Experiment:
   eval_context = evaluators.EvalContext(
       config, data.source, mesh,
       evaluators.eval_batches(data.source, data.eval_pp, eval_batch_size, mesh),
-      method_lib.predict_functions(method, model, loss_fn))
+      method_lib.predict_functions(method, model, loss_fn, config))
   evals = evaluators.from_config(config.evals, eval_context)
   if optim.plateau_settings(config.optim) and not any(
       e.interval(steps_per_epoch) for e in evals.values()):

@@ -76,6 +76,29 @@ def test_constant_warmup_holds_then_cosine_from_the_peak():
     optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=1, warmup_type="step")
 
 
+def test_multistep_is_glips_warmup_multistep_lr():
+  """maskrcnn_benchmark's WarmupMultiStepLR (GLIP): linear warmup from warmup_init (factor
+  0.001), then x0.1 at 67 % and 89 % of the steps, milestones counted from step 0."""
+  schedule = optim.make_schedule(lr=1e-4, total_steps=1000, warmup_steps=100, warmup_init=1e-7,
+                                 decay="multistep", milestones=(0.67, 0.89))
+  steps = [0, 50, 100, 669, 670, 889, 890, 999]
+  expected = [1e-7, 1e-7 + (1e-4 - 1e-7) * 0.5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6]
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-5)
+  for bad in [(0.9, 0.5), (1.5,), (0.0,)]:
+    with pytest.raises(ValueError, match="optim.milestones"):
+      optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=0, decay="multistep",
+                          milestones=bad)
+  with pytest.raises(ValueError, match="optim.decay='step'"):
+    optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=0, decay="step")
+  config = common.optimizer("adamw", lr=1e-4, weight_decay=0.0, decay="multistep",
+                            milestones=(0.5,))
+  _, from_config = optim.make_optimizer(config, TRAINABLE, total_steps=10, warmup_steps=0)
+  np.testing.assert_allclose([float(from_config(4)), float(from_config(5))], [1e-4, 1e-5],
+                             rtol=1e-6)
+  constant = optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=0, decay="multistep")
+  np.testing.assert_allclose([float(constant(s)) for s in (0, 9)], [1.0, 1.0])
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_gradient_accumulation_equals_one_step_on_the_mean_gradient(name):
   """k micro-batches with grad_accum_steps=k == one step on the mean of their gradients."""

@@ -1,8 +1,9 @@
 """Evaluators chosen by `config.evals` (see `common.py`); importing the package registers them."""
 from __future__ import annotations
 
-from jaxprompt.evaluators import classification, common, multilabel, retrieval, zeroshot
+from jaxprompt.evaluators import (classification, common, detection, multilabel, retrieval,
+                                  zeroshot)
 from jaxprompt.evaluators.common import EvalContext, Evaluator, eval_batches, from_config, run_all
 
-__all__ = ["EvalContext", "Evaluator", "classification", "common", "eval_batches", "from_config",
-           "multilabel", "retrieval", "run_all", "zeroshot"]
+__all__ = ["EvalContext", "Evaluator", "classification", "common", "detection", "eval_batches",
+           "from_config", "multilabel", "retrieval", "run_all", "zeroshot"]

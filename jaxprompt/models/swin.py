@@ -14,6 +14,13 @@ Deliberate choices:
   * As in the original, a block whose map is no larger than the window in some side uses one
     window of side min(H, W) and no shift. Unlike transformers, nothing is padded: an image
     whose stage maps do not tile into windows or halve evenly is rejected (`check_image_size`).
+  * `pad_to_fit=True` switches to the detection Swin's padding instead (microsoft/GLIP
+    `maskrcnn_benchmark/modeling/backbone/swint.py`, from Swin-Transformer-Object-Detection):
+    the image is zero-padded right/bottom to a multiple of the patch; each block zero-pads its
+    normalised map right/bottom to a multiple of the window (padded tokens are attended to, only
+    the shift mask of the padded grid applies) and crops the result back; windows never shrink
+    and the shift stays window // 2 however small the map; patch merging zero-pads odd sides, so
+    a side n becomes (n + 1) // 2. Any image size is accepted.
   * Only stochastic depth (`drop_path_rate`) is offered; the original's dropout and attention
     dropout default to 0 and no released recipe (Swin, VPT, SA2VP) changes them.
   * Hooks for prompt methods: `Model.__call__` takes `block_hook(stage, index, block, x) -> x`,
@@ -39,9 +46,11 @@ import numpy as np
 
 from jaxprompt.models import common
 
-# name -> (embed_dim, depths, num_heads). 'mu' is a tiny size for tests and demos.
+# name -> (embed_dim, depths, num_heads). 'mu' and 'pico' are tiny sizes for tests and demos
+# ('pico' keeps 16 channels per head in every stage, as GLIP-tiny's trunk).
 SIZES = {
     "mu": (16, (2, 2, 2, 2), (2, 2, 4, 4)),
+    "pico": (16, (2, 2, 2, 2), (1, 2, 4, 8)),
     "T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "S": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "B": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
@@ -65,10 +74,12 @@ def decode_variant(variant: str) -> dict:
   return dict(embed_dim=embed_dim, depths=depths, num_heads=num_heads)
 
 
-def effective_window(height: int, width: int, window_size: int) -> tuple[int, int]:
+def effective_window(height: int, width: int, window_size: int, *,
+                     pad_to_fit: bool = False) -> tuple[int, int]:
   """(window, shift of the shifted blocks) on an height x width map, as the original clips them:
-  a map no larger than the window in some side gets one window of that side and no shift."""
-  if min(height, width) <= window_size:
+  a map no larger than the window in some side gets one window of that side and no shift.
+  With `pad_to_fit` (the detection Swin) the window and shift never change."""
+  if not pad_to_fit and min(height, width) <= window_size:
     return min(height, width), 0
   return window_size, window_size // 2
 
@@ -93,6 +104,15 @@ def check_image_size(height: int, width: int, *, patch_size: int, num_stages: in
         raise ValueError(f"Image size {height}x{width}: the stage-{stage} map {h}x{w} cannot be "
                          f"merged 2x2 (odd side). {hint}")
       h, w = h // 2, w // 2
+
+
+def pad_bottom_right(x, multiple: int):
+  """Zero-pads the H and W axes of (B, H, W, C) at the end up to multiples of `multiple`."""
+  height, width = x.shape[1:3]
+  pad_h, pad_w = -height % multiple, -width % multiple
+  if not (pad_h or pad_w):
+    return x
+  return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
 
 
 def window_partition(x, window: int):
@@ -192,6 +212,9 @@ class SwinBlock(nn.Module):
   lead every window's attention (no position bias, no shift mask), their outputs are averaged over
   the windows, and the residuals and MLP treat prompts and map tokens as one sequence per sample
   (one drop-path draw for both).
+
+  `pad_to_fit` (detection Swin): attention runs on the normalised map zero-padded right/bottom to
+  a multiple of the window, with the full window and shift, and its output is cropped back.
   """
   num_heads: int
   window_size: int
@@ -199,11 +222,12 @@ class SwinBlock(nn.Module):
   drop_path: float = 0.0
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  pad_to_fit: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True, prompts=None):
     batch, height, width, channels = x.shape
-    window, shift = effective_window(height, width, self.window_size)
+    window, shift = effective_window(height, width, self.window_size, pad_to_fit=self.pad_to_fit)
     shift = shift if self.shifted else 0
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
     # Stochastic depth: drop the whole residual branch per sample, scale survivors by 1/(1-p).
@@ -211,9 +235,12 @@ class SwinBlock(nn.Module):
 
     norm1 = norm("norm1")
     y = norm1(x)
+    if self.pad_to_fit:
+      y = pad_bottom_right(y, window)  # (B, Hp, Wp, C); the padding is zeros after the norm
+    padded_height, padded_width = y.shape[1:3]
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
-    mask = shifted_window_mask(height, width, window, shift) if shift else None
+    mask = shifted_window_mask(padded_height, padded_width, window, shift) if shift else None
     windows = window_partition(y, window)  # (B, nW, w*w, C)
     if prompts is not None:
       num_prompts = prompts.shape[1]
@@ -224,9 +251,10 @@ class SwinBlock(nn.Module):
     y = WindowAttention(self.num_heads, window, self.dtype, name="attn")(windows, mask)
     if prompts is not None:
       prompt_out, y = y[:, :, :num_prompts].mean(axis=1), y[:, :, num_prompts:]
-    y = window_reverse(y, window, height, width)
+    y = window_reverse(y, window, padded_height, padded_width)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
+    y = y[:, :height, :width]
     if prompts is not None:  # one (B, 1, P + H*W, C) sequence for the residuals and the MLP
       x = jnp.concatenate([prompts, x.reshape(batch, -1, channels)], axis=1)[:, None]
       y = jnp.concatenate([prompt_out, y.reshape(batch, -1, channels)], axis=1)[:, None]
@@ -244,11 +272,15 @@ class PatchMerging(nn.Module):
 
   With `prompts` (B, P, C) it returns `(x, prompts)`: each prompt is concatenated with three
   copies of itself to 4C (VPT's prompt "upsampling") and goes through the same LN and Linear.
+  With `pad_to_fit` (detection Swin) odd sides are zero-padded at the end: (H+1)//2 x (W+1)//2.
   """
   dtype: Any = jnp.float32
+  pad_to_fit: bool = False
 
   @nn.compact
   def __call__(self, x, *, prompts=None):
+    if self.pad_to_fit:
+      x = pad_bottom_right(x, 2)
     _, height, width, channels = x.shape
     if height % 2 or width % 2:
       raise ValueError(f"Patch merging needs even map sides, got {height}x{width}.")
@@ -267,11 +299,13 @@ class PatchEmbed(nn.Module):
   """Non-overlapping p x p patches -> (B, H/p, W/p, D), then LayerNorm.
 
   Setup-style so that a second stream can reuse the frozen `norm` alone (SA2VP normalises its
-  prompt map with it): `embed.norm(prompt_map)`.
+  prompt map with it): `embed.norm(prompt_map)`. With `pad_to_fit` (detection Swin) the image is
+  first zero-padded right/bottom to a multiple of the patch size.
   """
   embed_dim: int
   patch_size: int
   dtype: Any = jnp.float32
+  pad_to_fit: bool = False
 
   def setup(self):
     self.proj = nn.Conv(self.embed_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
@@ -279,6 +313,8 @@ class PatchEmbed(nn.Module):
     self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype)
 
   def __call__(self, images):
+    if self.pad_to_fit:
+      images = pad_bottom_right(images, self.patch_size)
     return self.norm(self.proj(images))
 
 
@@ -286,6 +322,7 @@ class Stage(nn.Module):
   """`depth` blocks (even ones plain, odd ones shifted), then patch merging unless last.
 
   Returns `(output, features)`: the merged map for the next stage and the map before merging.
+  `pad_to_fit` goes to the blocks and the merging (detection Swin, see the module docstring).
   """
   depth: int
   num_heads: int
@@ -294,12 +331,13 @@ class Stage(nn.Module):
   downsample: bool
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  pad_to_fit: bool = False
 
   def make_block(self, j: int) -> SwinBlock:
     """Block `j` with its checkpoint name; prompt methods that run blocks themselves call this."""
     return SwinBlock(self.num_heads, self.window_size, shifted=j % 2 == 1,
                      drop_path=self.drop_path_rates[j], mlp_ratio=self.mlp_ratio,
-                     dtype=self.dtype, name=f"blocks_{j}")
+                     dtype=self.dtype, pad_to_fit=self.pad_to_fit, name=f"blocks_{j}")
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True,
@@ -309,7 +347,7 @@ class Stage(nn.Module):
       x = common.run_block(j, block, x, block_hook)
     if not self.downsample:
       return x, x
-    return PatchMerging(self.dtype, name="downsample")(x), x
+    return PatchMerging(self.dtype, pad_to_fit=self.pad_to_fit, name="downsample")(x), x
 
 
 class Model(nn.Module):
@@ -318,7 +356,8 @@ class Model(nn.Module):
   Returns `(logits, aux)`: aux holds `stages` (each stage's (B, H_i, W_i, C_i) map before merging;
   the last one before the final norm), `encoded` (B, N, C) after the final norm (transformers'
   `last_hidden_state`) and `pre_logits` (B, C), their mean (its `pooler_output`). With
-  `num_classes=0` there is no head and logits are the pre-logits.
+  `num_classes=0` there is no head and logits are the pre-logits. `pad_to_fit=True` pads as the
+  detection Swin does (module docstring) and accepts any image size.
   """
   num_classes: int
   variant: str = "B"
@@ -328,10 +367,12 @@ class Model(nn.Module):
   drop_path_rate: float = 0.0
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
+  pad_to_fit: bool = False
 
   def make_patch_embed(self) -> PatchEmbed:
     embed_dim = decode_variant(self.variant)["embed_dim"]
-    return PatchEmbed(embed_dim, self.patch_size, self.dtype, name="patch_embed")
+    return PatchEmbed(embed_dim, self.patch_size, self.dtype, pad_to_fit=self.pad_to_fit,
+                      name="patch_embed")
 
   def make_stage(self, i: int, stage_class: Optional[type] = None) -> Stage:
     """Stage `i` (Microsoft's `layers.{i}`); drop-path rates rise linearly over all blocks.
@@ -344,13 +385,15 @@ class Model(nn.Module):
     rates = tuple(float(r) for r in rates[sum(depths[:i]):sum(depths[:i + 1])])
     return (stage_class or Stage)(
         depths[i], v["num_heads"][i], self.window_size, rates, downsample=i < len(depths) - 1,
-        mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f"layers_{i}")
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype, pad_to_fit=self.pad_to_fit,
+        name=f"layers_{i}")
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, block_hook: Optional[BlockHook] = None):
     num_stages = len(decode_variant(self.variant)["depths"])
-    check_image_size(*images.shape[1:3], patch_size=self.patch_size, num_stages=num_stages,
-                     window_size=self.window_size)
+    if not self.pad_to_fit:
+      check_image_size(*images.shape[1:3], patch_size=self.patch_size, num_stages=num_stages,
+                       window_size=self.window_size)
     x = self.make_patch_embed()(images)  # (B, H/4, W/4, D)
     stages = []
     for i in range(num_stages):

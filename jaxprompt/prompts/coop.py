@@ -334,7 +334,7 @@ class Model(PromptCLIP):
                         self.n_ctx, self.ctx_init, self.csc, self.class_token_position)
 
 
-def clip_predict_fns(model: PromptCLIP) -> dict:
+def clip_predict_fns(model: PromptCLIP, unused_config=None) -> dict:
   """The frozen CLIP inside a `PromptCLIP` model (CoOp, RPL, LMPT) as the evaluators' predict
   functions (`jaxprompt/evaluators/common.py`): 'embed_image' (variables, images) -> (B, E) and
   'embed_text' (variables, token ids (N, L)) -> (N, E), both L2-normalised float32;

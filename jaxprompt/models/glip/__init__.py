@@ -1,0 +1,1 @@
+"""GLIP (grounded language-image pre-training) detector parts as Flax Linen modules."""

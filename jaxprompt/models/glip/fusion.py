@@ -1,0 +1,404 @@
+"""GLIP's deep vision-language fusion: the bi-directional attention block, the in-head BERT layer.
+
+Follows microsoft/GLIP (Li et al., "Grounded Language-Image Pre-training", CVPR 2022, §3.2
+language-aware deep fusion):
+  * `maskrcnn_benchmark/utils/fuse_helper.py` `BiMultiHeadAttention` and
+    `BiAttentionBlockForCheckpoint`, as `maskrcnn_benchmark/modeling/rpn/vldyhead.py` `VLFuse`
+    builds them for FUSE_CONFIG.TYPE "MHA-B" (one joint attention over all pyramid levels,
+    SEPARATE_BIDIRECTIONAL off) -> `BiAttentionBlock`;
+  * `vldyhead.py` `BertEncoderLayer` with the clamped BERT attention / intermediate / output of
+    `maskrcnn_benchmark/modeling/rpn/modeling_bert.py` -> `ClampedBertLayer`.
+
+`BiAttentionBlock` (one VLFuse; params `b_attn/...`):
+  1. the five NHWC levels are flattened row-major and concatenated P3..P7 -> X (B, N, Dv);
+  2. X^ = LN_v(X), H^ = LN_l(H) (eps 1e-5); every later step sees only X^ and H^;
+  3. q = (X^ W_q + b_q) / sqrt(head_dim), k = H^ W_k + b_k, values X^ W_vv + b_vv and
+     H^ W_vl + b_vl, all of width embed_dim split into heads;
+  4. one score matrix S = q k^T (B, H, N, T), clamped to [-5e4, 5e4] (clamp_min / clamp_max);
+  5. text side: S^T minus its row max, clamped again, softmax over the N visual tokens, no mask;
+  6. image side: S plus -9e15 on padded text columns and plus the mask value (1) on valid ones
+     (the original adds the 0/1 mask after `masked_fill(mask == 0, -9e15)`; a per-row constant
+     that the softmax ignores, kept for bit-level faithfulness), softmax over the T tokens;
+  7. dropout on both attention maps in training;
+  8. out_v = merge(A_v V_l) W_ov + b_ov, out_l = merge(A_l V_v) W_ol + b_ol;
+  9. the residual goes onto the *normalised* inputs: X' = X^ + gamma_v * out_v,
+     H' = H^ + gamma_l * out_l (layer scale, init 1 / NUM_CONVS); X' is split back into levels.
+`extra_tokens=(P_v (B|1, K, Dv), P_l (B|1, K, Dl))` appends K tokens to X^ and H^ after the
+LayerNorms, extends the text mask with K padded (0) entries and drops the last K rows of both
+outputs before the residual: the operation of SDPT (wuyongjianCODE/SDPT, `fuse_helper.py`,
+`vpt_only == -4`), whose prototypes P_v / P_l the caller computes. K = 0 or None is plain GLIP.
+
+`ClampedBertLayer` (one BertEncoderLayer, post-LN): scores = q k^T / sqrt(head_dim), clamped to
++-5e4 (CLAMP_BERTATTN_*), plus (1 - mask) * -10000 (the extended mask of the transformers 4.x GLIP
+ran on); softmax; dropout; dense; dropout; LN(. + x). Then the MLP: dense, clamp, GELU (erf),
+clamp; dense, dropout, clamp, LN(. + y), clamp; these four clamps are unconditional, as in the
+original. Params have bert.Layer's names and shapes, so `bert.convert_hf_bert` converts them.
+
+GLIP-T / GLIP-L sizes: v_dim 256, l_dim 768, embed_dim 2048, 8 heads, init_values 1/6 (T) or 1/8
+(L), dropout 0.1; BERT layer 768 wide, 12 heads, MLP 3072, dropout 0.1.
+
+Deliberate deviations:
+  * `ClampedBertLayer` is its own module, not `bert.Layer` with an option: the attention-logit clamp
+    and the -10000 mask would have to go into `vit.MultiHeadAttention`, shared by every ViT. Padded
+    keys get -10000 (not bert.Layer's -1e30); in float32 both give padded keys a weight of exactly
+    0 unless a row's logits spread by more than ~10^4. That happens when the clamps bind (a
+    padded key clamped to 5e4 then gets 4e4 and can beat valid keys), so -10000 is kept.
+  * Every clamp is computed in float32; the clamps exist for fp16 and never bind on sane float32
+    inputs, but they are kept (and tested where they bind) so that outputs match the original.
+    The text-side row-max subtraction and the +1 on valid image-side columns are softmax
+    no-ops in float32; they are kept for fidelity, so no test can tell them apart.
+  * STABLE_SOFTMAX_2D (subtracting the global max of S; off in every GLIP config), DropPath (rate
+    0 in VLFuse) and the activation checkpointing of USE_CHECKPOINT (no numerical effect; wrap
+    with `nn.remat` if memory needs it) are not implemented.
+  * In-head BERT layers init like the original: `BertEncoderLayer` never calls BERT's
+    `init_weights`, so its Linears have PyTorch's default init (U(+-1/sqrt(fan_in)) for weight and
+    bias), reproduced here; the fusion projections are Xavier-uniform with zero bias.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprompt.models import bert
+from jaxprompt.models import common
+from jaxprompt.models import vit
+
+CLAMP_VALUE = 50000.0  # GLIP's +-50000 fp16 overflow / underflow clamps
+IMAGE_SIDE_MASK_VALUE = -9e15  # added to padded text columns of the image-side scores
+BERT_MASK_VALUE = -10000.0  # transformers 4.x extended attention mask for padded keys
+
+
+def clamp(x, clamp_min: bool = True, clamp_max: bool = True):
+  """x clamped to [-5e4, 5e4] on the sides that are switched on."""
+  if clamp_min:
+    x = jnp.maximum(x, -CLAMP_VALUE)
+  if clamp_max:
+    x = jnp.minimum(x, CLAMP_VALUE)
+  return x
+
+
+def torch_linear_kernel_init():
+  """PyTorch's default nn.Linear / nn.Conv2d weight init (kaiming-uniform, a=sqrt(5)):
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over a (fan_in, fan_out) kernel."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int):
+  """PyTorch's default nn.Linear / nn.Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda rng, shape, dtype=jnp.float32: jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bi-directional attention (VLFuse "MHA-B").
+# ---------------------------------------------------------------------------------------------
+
+class BiMultiHeadAttention(nn.Module):
+  """The shared-score bi-directional attention on the normalised sequences (no residual).
+
+  `__call__(v (B, N, Dv), l (B, T, Dl), lang_mask (B, T), *, deterministic)` returns
+  (delta_v (B, N, Dv), delta_l (B, T, Dl)). `lang_mask` nonzero = valid text token.
+  """
+  embed_dim: int
+  num_heads: int
+  dropout: float = 0.1
+  clamp_min: bool = True
+  clamp_max: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, v, l, lang_mask, *, deterministic: bool = True):
+    batch, _, v_dim = v.shape
+    l_dim = l.shape[-1]
+    heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros, name=name)
+
+    def split_heads(y):  # (B, L, E) -> (B, H, L, E/H)
+      return y.reshape(batch, y.shape[1], heads, head_dim).transpose(0, 2, 1, 3)
+
+    def merge_heads(y):  # (B, H, L, E/H) -> (B, L, E)
+      return y.transpose(0, 2, 1, 3).reshape(batch, y.shape[2], self.embed_dim)
+
+    query = split_heads(dense(self.embed_dim, "v_proj")(v) * head_dim**-0.5)
+    key = split_heads(dense(self.embed_dim, "l_proj")(l))
+    value_v = split_heads(dense(self.embed_dim, "values_v_proj")(v))
+    value_l = split_heads(dense(self.embed_dim, "values_l_proj")(l))
+
+    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N, T)
+    scores = clamp(scores, self.clamp_min, self.clamp_max)
+
+    # Text side: each text token attends over all visual tokens; no mask at all.
+    scores_l = scores.swapaxes(-1, -2)  # (B, H, T, N)
+    scores_l = scores_l - scores_l.max(-1, keepdims=True)
+    weights_l = jax.nn.softmax(clamp(scores_l, self.clamp_min, self.clamp_max), axis=-1)
+
+    # Image side: padded text columns get -9e15, valid ones the mask value (1).
+    mask = jnp.asarray(lang_mask).astype(jnp.float32)[:, None, None, :]  # (B, 1, 1, T)
+    weights_v = jax.nn.softmax(scores + jnp.where(mask == 0, IMAGE_SIDE_MASK_VALUE, mask), axis=-1)
+
+    if not deterministic and self.dropout > 0:
+      weights_v = vit.Dropout(self.dropout)(weights_v, deterministic=False)
+      weights_l = vit.Dropout(self.dropout)(weights_l, deterministic=False)
+    out_v = merge_heads(weights_v.astype(self.dtype) @ value_l)  # (B, N, E)
+    out_l = merge_heads(weights_l.astype(self.dtype) @ value_v)  # (B, T, E)
+    return dense(v_dim, "out_v_proj")(out_v), dense(l_dim, "out_l_proj")(out_l)
+
+
+class LayerScaledBiAttention(nn.Module):
+  """Pre-LN bi-attention with layer-scaled residuals on the normalised inputs, on flat sequences
+  (`BiAttentionBlockForCheckpoint.single_attention_call`); `BiAttentionBlock` names it 'b_attn'.
+
+  `__call__(visual (B, N, Dv), lang (B, T, Dl), lang_mask (B, T), *, deterministic,
+  extra_tokens=None)` returns (visual' (B, N, Dv), lang' (B, T, Dl)).
+  """
+  embed_dim: int
+  num_heads: int
+  init_values: float
+  dropout: float = 0.1
+  clamp_min: bool = True
+  clamp_max: bool = True
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, visual, lang, lang_mask, *, deterministic: bool = True,
+               extra_tokens: Optional[tuple] = None):
+    batch, num_visual, v_dim = visual.shape
+    num_text, l_dim = lang.shape[1:]
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    v = norm("layer_norm_v")(visual)
+    l = norm("layer_norm_l")(lang)
+    v_all, l_all, mask_all = v, l, jnp.asarray(lang_mask)
+    if extra_tokens is not None:
+      extra_v, extra_l = (jnp.asarray(t) for t in extra_tokens)
+      count = extra_v.shape[1] if extra_v.ndim == 3 else -1
+      for what, extra, dim in (("P_v", extra_v, v_dim), ("P_l", extra_l, l_dim)):
+        if extra.ndim != 3 or extra.shape[0] not in (1, batch) or extra.shape[1:] != (count, dim):
+          raise ValueError(f"extra_tokens {what} has shape {extra.shape}; expected ({batch} or 1, "
+                           f"K, {dim}) with the same K for P_v and P_l (P_v has K={count}).")
+      if count > 0:
+        v_all = jnp.concatenate([v, jnp.broadcast_to(extra_v, (batch, count, v_dim))], 1)
+        l_all = jnp.concatenate([l, jnp.broadcast_to(extra_l, (batch, count, l_dim))], 1)
+        mask_all = jnp.concatenate([mask_all, jnp.zeros((batch, count), mask_all.dtype)], 1)
+    delta_v, delta_l = BiMultiHeadAttention(
+        self.embed_dim, self.num_heads, self.dropout, self.clamp_min, self.clamp_max, self.dtype,
+        name="attn")(v_all, l_all, mask_all, deterministic=deterministic)
+    delta_v, delta_l = delta_v[:, :num_visual], delta_l[:, :num_text]  # drop the extra rows
+    gamma = lambda name, dim: self.param(name, nn.initializers.constant(self.init_values), (dim,))
+    return v + gamma("gamma_v", v_dim) * delta_v, l + gamma("gamma_l", l_dim) * delta_l
+
+
+def flatten_levels(levels: Sequence) -> tuple[jnp.ndarray, list[tuple[int, int]]]:
+  """NHWC maps -> ((B, sum H*W, C) in level order, each row-major; the (H, W) of each level)."""
+  sizes = [(level.shape[1], level.shape[2]) for level in levels]
+  flat = [level.reshape(level.shape[0], h * w, level.shape[3]) for level, (h, w) in
+          zip(levels, sizes)]
+  return jnp.concatenate(flat, 1), sizes
+
+
+def unflatten_levels(tokens, sizes: Sequence[tuple[int, int]]) -> list:
+  """The inverse of `flatten_levels`: (B, N, C) -> NHWC maps of the given (H, W)."""
+  out, start = [], 0
+  for h, w in sizes:
+    out.append(tokens[:, start:start + h * w].reshape(tokens.shape[0], h, w, tokens.shape[-1]))
+    start += h * w
+  return out
+
+
+class BiAttentionBlock(nn.Module):
+  """GLIP's VLFuse ("MHA-B"): bi-directional image-text attention over all pyramid levels.
+
+  `__call__(visual_levels (list of NHWC (B, H_l, W_l, v_dim)), lang_hidden (B, T, l_dim),
+  lang_mask (B, T), *, deterministic=True, extra_tokens=None)` returns (new_levels (same shapes),
+  new_lang_hidden (B, T, l_dim)). Dropout on the attention maps is live unless `deterministic`
+  (RNG 'dropout'). `init_values` is the layer-scale init: GLIP passes 1 / DYHEAD.NUM_CONVS.
+  """
+  v_dim: int
+  l_dim: int
+  embed_dim: int
+  num_heads: int
+  init_values: float
+  dropout: float = 0.1
+  clamp_min: bool = True
+  clamp_max: bool = True
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, visual_levels, lang_hidden, lang_mask, *, deterministic: bool = True,
+               extra_tokens: Optional[tuple] = None):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"BiAttentionBlock: embed_dim={self.embed_dim} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if not visual_levels:
+      raise ValueError("BiAttentionBlock: visual_levels is empty; expected the pyramid maps.")
+    batch = lang_hidden.shape[0]
+    for i, level in enumerate(visual_levels):
+      if level.ndim != 4 or level.shape[0] != batch or level.shape[3] != self.v_dim:
+        raise ValueError(f"BiAttentionBlock: visual level {i} has shape {level.shape}; expected "
+                         f"NHWC ({batch}, H, W, {self.v_dim}).")
+    if lang_hidden.ndim != 3 or lang_hidden.shape[2] != self.l_dim:
+      raise ValueError(f"BiAttentionBlock: lang_hidden has shape {lang_hidden.shape}; expected "
+                       f"(B, T, {self.l_dim}).")
+    if jnp.shape(lang_mask) != lang_hidden.shape[:2]:
+      raise ValueError(f"BiAttentionBlock: lang_mask has shape {jnp.shape(lang_mask)}; expected "
+                       f"{lang_hidden.shape[:2]} like lang_hidden's first two dimensions.")
+    visual, sizes = flatten_levels(visual_levels)
+    visual, lang = LayerScaledBiAttention(
+        self.embed_dim, self.num_heads, self.init_values, self.dropout, self.clamp_min,
+        self.clamp_max, self.layer_norm_eps, self.dtype, name="b_attn")(
+            visual, lang_hidden, lang_mask, deterministic=deterministic, extra_tokens=extra_tokens)
+    return unflatten_levels(visual, sizes), lang
+
+
+# ---------------------------------------------------------------------------------------------
+# In-head BERT layer (BertEncoderLayer with clamps).
+# ---------------------------------------------------------------------------------------------
+
+class _ClampedSelfAttention(nn.Module):
+  """BERT self-attention with +-5e4 logit clamps and the -10000 padding bias; bert.Layer's
+  `attention/{query,key,value,out}` params ((D, H, D/H) kernels, (H, D/H, D) output kernel)."""
+  num_heads: int
+  attention_dropout: float
+  clamp_min: bool
+  clamp_max: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, lang_mask, *, deterministic: bool):
+    width = x.shape[-1]
+    heads, head_dim = self.num_heads, width // self.num_heads
+    kernel_init, bias_init = torch_linear_kernel_init(), torch_linear_bias_init(width)
+    project = lambda name: nn.DenseGeneral((heads, head_dim), dtype=self.dtype,
+                                           kernel_init=kernel_init, bias_init=bias_init, name=name)
+    # (B, L, H, D/H) -> (B, H, L, D/H)
+    query, key, value = (project(n)(x).transpose(0, 2, 1, 3) for n in ("query", "key", "value"))
+    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32) / math.sqrt(head_dim)
+    scores = clamp(scores, self.clamp_min, self.clamp_max)
+    mask = jnp.asarray(lang_mask).astype(jnp.float32)[:, None, None, :]  # (B, 1, 1, L)
+    weights = jax.nn.softmax(scores + (1.0 - mask) * BERT_MASK_VALUE, axis=-1)
+    weights = vit.Dropout(self.attention_dropout)(weights, deterministic=deterministic)
+    context = (weights.astype(self.dtype) @ value).transpose(0, 2, 1, 3)  # (B, L, H, D/H)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=kernel_init,
+                           bias_init=bias_init, name="out")(context)
+
+
+class ClampedBertLayer(nn.Module):
+  """GLIP's in-head BertEncoderLayer: a post-LN BERT layer with fp16 clamps.
+
+  `__call__(hidden (B, T, D), lang_mask (B, T), *, deterministic=True)` -> hidden (B, T, D).
+  Dropout (hidden and attention) is live unless `deterministic` (RNG 'dropout').
+  """
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  clamp_attention_min: bool = True  # CLAMP_BERTATTN_MIN_FOR_UNDERFLOW
+  clamp_attention_max: bool = True  # CLAMP_BERTATTN_MAX_FOR_OVERFLOW
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden, lang_mask, *, deterministic: bool = True):
+    width = hidden.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"ClampedBertLayer: width {width} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if jnp.shape(lang_mask) != hidden.shape[:2]:
+      raise ValueError(f"ClampedBertLayer: lang_mask has shape {jnp.shape(lang_mask)}; expected "
+                       f"{hidden.shape[:2]}.")
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    dense = lambda n, fan_in, name: nn.Dense(
+        n, dtype=self.dtype, kernel_init=torch_linear_kernel_init(),
+        bias_init=torch_linear_bias_init(fan_in), name=name)
+    drop = lambda y: vit.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = _ClampedSelfAttention(self.num_heads, self.attention_dropout, self.clamp_attention_min,
+                              self.clamp_attention_max, self.dtype, name="attention")(
+                                  hidden, lang_mask, deterministic=deterministic)
+    x = norm("attention_norm")(hidden + drop(y))
+    y = clamp(dense(self.mlp_dim, width, "intermediate")(x))
+    y = clamp(nn.gelu(y, approximate=False))
+    y = clamp(drop(dense(width, self.mlp_dim, "output")(y)))
+    return clamp(norm("output_norm")(x + y))
+
+
+# ---------------------------------------------------------------------------------------------
+# Official state dicts (prefix `module.rpn.head.dyhead_tower.{k}.` stripped) -> our params.
+# ---------------------------------------------------------------------------------------------
+
+def convert_torch_params(state_dict: Mapping[str, np.ndarray], names: Mapping[str, str], *,
+                         part: str) -> dict:
+  """Renames official PyTorch names to our '/'-joined names (`names`) and returns nested params.
+
+  A 2-D weight mapped to '.../kernel' is an nn.Linear's (out, in) -> (in, out); a 4-D one an
+  nn.Conv2d's (out, in, kh, kw) -> (kh, kw, in, out); everything else is copied. Names not in
+  `names` and names of `names` missing from `state_dict` raise one ValueError listing both.
+  """
+  unknown = sorted(set(state_dict) - set(names))
+  missing = sorted(set(names) - set(state_dict))
+  if unknown or missing:
+    lines = [f"{part}: the state dict does not match (expected names with the tower/head prefix "
+             "stripped):"]
+    if unknown:
+      lines.append(f"  unknown ({len(unknown)}): " + ", ".join(unknown))
+    if missing:
+      lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
+    raise ValueError("\n".join(lines))
+  flat = {}
+  for torch_name, ours in names.items():
+    value = np.asarray(state_dict[torch_name])
+    if ours.endswith("/kernel") and value.ndim == 2:
+      value = value.T
+    elif ours.endswith("/kernel") and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    flat[ours] = value
+  return common.unflatten(flat)
+
+
+_FUSION_PROJECTIONS = ("v_proj", "l_proj", "values_v_proj", "values_l_proj", "out_v_proj",
+                       "out_l_proj")
+FUSION_NAMES = {
+    "b_attn.layer_norm_v.weight": "b_attn/layer_norm_v/scale",
+    "b_attn.layer_norm_v.bias": "b_attn/layer_norm_v/bias",
+    "b_attn.layer_norm_l.weight": "b_attn/layer_norm_l/scale",
+    "b_attn.layer_norm_l.bias": "b_attn/layer_norm_l/bias",
+    "b_attn.gamma_v": "b_attn/gamma_v",
+    "b_attn.gamma_l": "b_attn/gamma_l",
+    **{f"b_attn.attn.{p}.{w}": f"b_attn/attn/{p}/{'kernel' if w == 'weight' else 'bias'}"
+       for p in _FUSION_PROJECTIONS for w in ("weight", "bias")},
+}
+
+
+def convert_fusion(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """One official VLFuse ('b_attn.layer_norm_v.weight', 'b_attn.attn.v_proj.weight', ...,
+  'b_attn.gamma_l'; prefix 'module.rpn.head.dyhead_tower.{k}.' stripped) -> `BiAttentionBlock`
+  params."""
+  return convert_torch_params(state_dict, FUSION_NAMES, part="convert_fusion")
+
+
+# Official BertEncoderLayer modules, the same as a transformers BERT layer's.
+BERT_LAYER_NAMES = tuple(f"{module}.{leaf}" for module in bert._HF_LAYER_MODULES
+                         for leaf in ("weight", "bias"))
+
+
+def convert_bert_layer(state_dict: Mapping[str, np.ndarray], *, num_heads: int) -> dict:
+  """One official in-head BertEncoderLayer ('attention.self.query.weight', ...,
+  'output.LayerNorm.bias'; prefix 'module.rpn.head.dyhead_tower.{k}.' stripped) ->
+  `ClampedBertLayer` params, through `bert.convert_hf_bert` (same names and head split)."""
+  unknown = sorted(set(state_dict) - set(BERT_LAYER_NAMES))
+  missing = sorted(set(BERT_LAYER_NAMES) - set(state_dict))
+  if unknown or missing:
+    raise ValueError("convert_bert_layer: the state dict does not match (expected names with the "
+                     f"tower prefix stripped): unknown {unknown}, missing {missing}.")
+  prefix = "encoder.layer.0."
+  flat = bert.convert_hf_bert({prefix + k: v for k, v in state_dict.items()}, num_heads,
+                              source="convert_bert_layer")
+  return common.unflatten({name.removeprefix("encoder/layer_0/"): value
+                           for name, value in flat.items()})

@@ -364,7 +364,9 @@ def require_vocab(name: str, vocab) -> str:
   return vocab
 
 
-def _root(name: str, root, data_dir, subfolder: str, expected: str) -> str:
+def resolve_root(name: str, root, data_dir, subfolder: str, expected: str) -> str:
+  """The dataset folder: `root`, else `data_dir`/`subfolder`; an error naming the source when
+  neither is given or the folder is missing."""
   if root is None and data_dir is not None:
     root = os.path.join(data_dir, subfolder)
   if root is None:
@@ -380,8 +382,8 @@ def coco_2017(*, data_dir: str | None = None, root: str | None = None, vocab: st
               **kwargs) -> CocoJsonSource:
   """'coco/2017': GLIP's coco_2017_{train,val} (instances_*.json, train2017/, val2017/)."""
   name = "coco/2017"
-  root = _root(name, root, data_dir, "coco", "the COCO folder with annotations/, train2017/, "
-               "val2017/")
+  root = resolve_root(name, root, data_dir, "coco",
+                      "the COCO folder with annotations/, train2017/, val2017/")
   files = {split: (os.path.join(root, "annotations", f"instances_{split}2017.json"),
                    os.path.join(root, f"{split}2017")) for split in ("val", "train")}
   return CocoJsonSource(files, vocab=require_vocab(name, vocab), name=name, **kwargs)
@@ -396,8 +398,8 @@ def lvis_v1(*, data_dir: str | None = None, root: str | None = None, vocab: str 
             minival_json: str | None = None, **kwargs) -> CocoJsonSource:
   """'lvis/v1': LVIS v1 json files, images from the COCO 2017 folders through their coco_url."""
   name = "lvis/v1"
-  root = _root(name, root, data_dir, "coco", "the COCO folder with annotations/lvis_v1_*.json, "
-               "train2017/, val2017/")
+  root = resolve_root(name, root, data_dir, "coco",
+                      "the COCO folder with annotations/lvis_v1_*.json, train2017/, val2017/")
   given = {"train": train_json, "val": val_json, "minival": minival_json}
   files = {split: (given[split] or os.path.join(root, "annotations", file_name), root)
            for split, file_name in LVIS_FILES.items()}

@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import os
 
-from input_pipeline import base, coco_detection
+from input_pipeline import coco_detection
 
 SHOTS = (1, 3, 5, 10)
 SEEDS = (3, 30, 300)
@@ -90,6 +90,19 @@ def fewshot_json(split_json: str, split: str, shots: int, seed: int) -> str:
   """The prepared few-shot file of a split (next to its json)."""
   return os.path.join(os.path.dirname(split_json), f"fewshot_{split}_shot{shots}_seed{seed}.json")
 
+
+# Both PlantDoc exports share their 30 categories.
+PLANTDOC_CATEGORIES = (
+    "Apple Scab Leaf", "Apple leaf", "Apple rust leaf", "Bell_pepper leaf",
+    "Bell_pepper leaf spot", "Blueberry leaf", "Cherry leaf", "Corn Gray leaf spot",
+    "Corn leaf blight", "Corn rust leaf", "Peach leaf", "Potato leaf",
+    "Potato leaf early blight", "Potato leaf late blight", "Raspberry leaf",
+    "Soyabean leaf", "Soybean leaf", "Squash Powdery mildew leaf", "Strawberry leaf",
+    "Tomato Early blight leaf", "Tomato Septoria leaf spot", "Tomato leaf",
+    "Tomato leaf bacterial spot", "Tomato leaf late blight", "Tomato leaf mosaic virus",
+    "Tomato leaf yellow virus", "Tomato mold leaf", "Tomato two spotted spider mites leaf",
+    "grape leaf", "grape leaf black rot",
+)
 
 ODINW_DATASETS = {
     "AerialMaritimeDrone_large": OdinwDataset(
@@ -292,33 +305,13 @@ ODINW_DATASETS = {
     "plantdoc_100x100": OdinwDataset(
         folder="plantdoc/100x100",
         yaml="plantdoc_100x100.yaml",
-        categories=(
-            "Apple Scab Leaf", "Apple leaf", "Apple rust leaf", "Bell_pepper leaf",
-            "Bell_pepper leaf spot", "Blueberry leaf", "Cherry leaf", "Corn Gray leaf spot",
-            "Corn leaf blight", "Corn rust leaf", "Peach leaf", "Potato leaf",
-            "Potato leaf early blight", "Potato leaf late blight", "Raspberry leaf",
-            "Soyabean leaf", "Soybean leaf", "Squash Powdery mildew leaf", "Strawberry leaf",
-            "Tomato Early blight leaf", "Tomato Septoria leaf spot", "Tomato leaf",
-            "Tomato leaf bacterial spot", "Tomato leaf late blight", "Tomato leaf mosaic virus",
-            "Tomato leaf yellow virus", "Tomato mold leaf", "Tomato two spotted spider mites leaf",
-            "grape leaf", "grape leaf black rot",
-        ),
+        categories=PLANTDOC_CATEGORIES,
     ),
     "plantdoc_416x416": OdinwDataset(
         folder="plantdoc/416x416",
         yaml="plantdoc_416x416.yaml",
         in_odinw_35=True,
-        categories=(
-            "Apple Scab Leaf", "Apple leaf", "Apple rust leaf", "Bell_pepper leaf",
-            "Bell_pepper leaf spot", "Blueberry leaf", "Cherry leaf", "Corn Gray leaf spot",
-            "Corn leaf blight", "Corn rust leaf", "Peach leaf", "Potato leaf",
-            "Potato leaf early blight", "Potato leaf late blight", "Raspberry leaf",
-            "Soyabean leaf", "Soybean leaf", "Squash Powdery mildew leaf", "Strawberry leaf",
-            "Tomato Early blight leaf", "Tomato Septoria leaf spot", "Tomato leaf",
-            "Tomato leaf bacterial spot", "Tomato leaf late blight", "Tomato leaf mosaic virus",
-            "Tomato leaf yellow virus", "Tomato mold leaf", "Tomato two spotted spider mites leaf",
-            "grape leaf", "grape leaf black rot",
-        ),
+        categories=PLANTDOC_CATEGORIES,
     ),
     "pothole": OdinwDataset(
         folder="pothole",
@@ -413,14 +406,9 @@ def make_odinw_source(dataset_name: str, *, data_dir: str | None = None, root: s
                      f"{SEEDS}.")
   if fewshot_eval and not shots:
     raise ValueError(f"Data source {name!r}: fewshot_eval=True needs shots > 0.")
-  if root is None and data_dir is not None:
-    root = os.path.join(data_dir, "odinw", dataset.folder)
-  if root is None:
-    raise ValueError(f"Data source {name!r} needs root=<its folder, DATASET/odinw/"
-                     f"{dataset.folder}> or data_dir=<GLIP's DATASET folder, holding odinw/>.")
-  if not os.path.isdir(root):
-    raise base.DataNotFoundError(f"Data source {name!r}: folder {root} does not exist; expected "
-                                 f"GLIP's DATASET/odinw/{dataset.folder} (its {dataset.yaml}).")
+  root = coco_detection.resolve_root(
+      name, root, data_dir, os.path.join("odinw", dataset.folder),
+      f"GLIP's DATASET/odinw/{dataset.folder} (its {dataset.yaml})")
   files = dataset.split_files(root)
   if shots:
     swapped = ("train", "val", "minival") if fewshot_eval else ("train",)

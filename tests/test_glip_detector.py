@@ -160,3 +160,29 @@ def test_glip_refuses_to_train_a_source_whose_caption_overflows():
   with pytest.raises(ValueError, match="lvis/v1.*cannot train GLIP here.*chunk_size"):
     glip_finetune.make_loss(demo_config(), Overflowing())
   glip_finetune.make_loss(demo_config(mode="eval"), Overflowing())  # evaluation is fine
+
+
+@pytest.mark.slow
+def test_a_full_size_glip_t_checkpoint_under_the_official_names_loads_and_runs(tmp_path):
+  """GLIP-T at its real widths (231.8 M params): a random PyTorch GLIP-T saved as the released
+  file is ('model' -> 'module.*'), loaded strictly and run on a small image; it gives the
+  PyTorch outputs."""
+  torch.manual_seed(0)
+  reference = torch_glip.randomize_(torch_glip.GLIP("T", 80)).eval()
+  path = tmp_path / "glip_tiny_model_o365_goldg_random.pth"
+  torch.save({"model": torch_glip.official_state_dict(reference)}, path)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(1, 3, 96, 128)).astype(np.float32)
+  ids = rng.integers(1, 30522, size=(1, 256)).astype(np.int32)
+  mask = (np.arange(256)[None] < 40).astype(np.int32)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(images), torch.from_numpy(ids).long(),
+                         torch.from_numpy(mask).long())
+  del reference
+  model = detector.Model(num_classes=80, size="T")
+  images = images.transpose(0, 2, 3, 1)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, ids, mask)
+  variables = checkpoint.load_glip(variables, str(path))
+  logits, aux = jax.jit(model.apply)(variables, images, ids, mask)
+  assert rel_err(logits, expected["token_logits"].numpy()) <= 1e-4
+  assert rel_err(aux["box_regression"], expected["box_regression"].numpy()) <= 1e-4

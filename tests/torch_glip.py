@@ -78,21 +78,7 @@ class GLIP(nn.Module):
     return self.rpn.head(levels, hidden, mask)
 
 
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-  """Every parameter perturbed (PyTorch inits many to constants) so that each one counts."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=generator)
-      if name.endswith("relative_position_bias_table"):
-        p.copy_(0.5 * noise)
-      elif p.ndim == 1 and ("norm" in name.lower() or ".bn." in name) and name.endswith("weight"):
-        p.copy_(1.0 + 0.1 * noise)
-      elif p.ndim <= 1:
-        p.add_(0.05 * noise)
-      else:
-        p.copy_(noise / p[0].numel() ** 0.5)
-  return module
+randomize_ = torch_glip_backbone.randomize_
 
 
 def official_state_dict(model: GLIP) -> dict[str, torch.Tensor]:

@@ -263,19 +263,18 @@ class Backbone(nn.Sequential):
 
 
 def randomize_(module, seed=0):
-  """Perturbs every parameter (PyTorch inits biases, tables and LayerNorms to constants) so that
-  each one counts in a parity test."""
+  """Perturbs every parameter (PyTorch inits biases, tables, norms and scalars to constants) so
+  that each one counts in a parity test; the GLIP references share it (`torch_glip`)."""
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
       noise = torch.randn(p.shape, generator=generator)
       if name.endswith("relative_position_bias_table"):
         p.copy_(0.5 * noise)
-      elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+      elif p.ndim == 1 and ("norm" in name.lower() or ".bn." in name) and name.endswith("weight"):
         p.copy_(1.0 + 0.1 * noise)
-      elif p.ndim == 1:
-        p.copy_(0.05 * noise)
+      elif p.ndim <= 1:
+        p.add_(0.05 * noise)
       else:
-        fan_in = p[0].numel()
-        p.copy_(noise / fan_in ** 0.5)
+        p.copy_(noise / p[0].numel() ** 0.5)
   return module

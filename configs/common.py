@@ -83,11 +83,14 @@ def optimizer(name: str, lr: float, weight_decay: float, **kw) -> ml_collections
   param_groups is a tuple of (name, dict(regex=..., lr_mult=1.0, weight_decay=None)) pairs, first
   match wins (a tuple, as ConfigDict sorts a dict's keys); schedule_unit 'epoch' is CoOp's
   per-epoch (Dassl) cosine, 'step' the per-step one; decay 'multistep' (with milestones as
-  fractions of the training steps and decay_factor) is GLIP's WarmupMultiStepLR."""
+  fractions of the training steps and decay_factor) is GLIP's WarmupMultiStepLR; ema_decay > 0
+  keeps a moving average of the trained params (GLIP's SOLVER.MODEL_EMA), which evaluators use with
+  ema_for_eval (SOLVER.USE_EMA_FOR_MONITOR)."""
   settings = dict(name=name, lr=lr, momentum=0.9, weight_decay=weight_decay, no_weight_decay="",
                   warmup_epochs=0, warmup_steps=0, min_lr=0.0, grad_clip_norm=0.0,
                   grad_accum_steps=1, param_groups=(), schedule_unit="step", decay="cosine",
-                  milestones=(), decay_factor=0.1, warmup_init=0.0)
+                  milestones=(), decay_factor=0.1, warmup_init=0.0,
+                  ema_decay=0.0, ema_for_eval=False)
   unknown = set(kw) - set(settings)
   if unknown:
     raise ValueError(f"Unknown optimizer settings {sorted(unknown)}; valid: {sorted(settings)}.")

@@ -122,6 +122,11 @@ def check_spine(config) -> None:
   _int_at_least(config, "optim.grad_accum_steps", 1, default=1)
   _require(optim.get("decay", "cosine") in ("cosine", "multistep"), "optim.decay",
            optim.get("decay"), "'cosine' or 'multistep'")
+  ema = optim.get("ema_decay", 0.0)
+  _require(isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0.0 <= ema < 1.0,
+           "optim.ema_decay", ema, "a number in [0, 1) (0: no moving average; GLIP: 0.999)")
+  _require(not optim.get("ema_for_eval") or ema > 0, "optim.ema_for_eval",
+           optim.get("ema_for_eval"), "False unless optim.ema_decay > 0")
   momentum = optim.get("momentum", 0.9)
   _require(momentum is None or 0.0 <= momentum < 1.0, "optim.momentum", momentum,
            "a number in [0, 1)")

@@ -283,6 +283,35 @@ def scale_by_plateau(mode: str = "max") -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+class ParamsEmaState(NamedTuple):
+  """An exponential moving average of the trained params, inside the optimizer state."""
+  params_ema: dict
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps `decay` * ema + (1 - decay) * params after each update (microsoft/GLIP
+  `maskrcnn_benchmark/utils/ema.py` ModelEma, SOLVER.MODEL_EMA: initialised to the params,
+  updated after every optimizer step). Last in the chain, so `params + updates` are the new
+  params; it leaves the updates unchanged."""
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"optim.ema_decay={decay!r}: expected a number in (0, 1), e.g. 0.999.")
+
+  def init(params):
+    return ParamsEmaState(jax.tree.map(jnp.array, params))
+
+  def update(updates, state, params=None):
+    new = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
+    ema = jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, state.params_ema, new)
+    return updates, ParamsEmaState(ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_of(opt_state):
+  """The EMA of the trained params in `opt_state` (`params_ema`), or None without one."""
+  return optax.tree_utils.tree_get(opt_state, "params_ema")
+
+
 def plateau_settings(optim):
   """optim.plateau with defaults, or None when no plateau metric is set."""
   given = dict(optim.get("plateau") or {})
@@ -353,12 +382,14 @@ def make_optimizer(optim, params, *, total_steps: int, warmup_steps: int,
   The chain is: global grad-norm clipping over all trainable params (GLIP's full-model clipping),
   then `optax.multi_transform` over the parameter groups (`group_labels`), each its own SGD/AdamW
   at lr_mult · schedule with its weight decay (the `no_weight_decay` params are never decayed),
-  then the plateau factor. `total_steps`, `warmup_steps` and `steps_per_epoch` (needed by
-  optim.schedule_unit='epoch') count train-step calls; with `grad_accum_steps=k` the whole chain
-  (`optax.MultiSteps`) and its schedule advance once every k calls, on the mean of the k
-  gradients. With `optim.plateau` (see `plateau_step`) the lr is the schedule times a factor that
-  the train loop lowers when an evaluation metric stops improving. Without param_groups this is one
-  'default' group, and the updates are those of the optimizer built over the full tree before.
+  then the plateau factor, then with optim.ema_decay > 0 the params' moving average
+  (`params_ema`; evaluators use it with optim.ema_for_eval). `total_steps`, `warmup_steps` and
+  `steps_per_epoch` (needed by optim.schedule_unit='epoch') count train-step calls; with
+  `grad_accum_steps=k` the whole chain (`optax.MultiSteps`) and its schedule advance once every k
+  calls, on the mean of the k gradients. With `optim.plateau` (see `plateau_step`) the lr is the
+  schedule times a factor that the train loop lowers when an evaluation metric stops improving.
+  Without param_groups this is one 'default' group, and the updates are those of the optimizer
+  built over the full tree before.
   """
   accum = int(optim.get("grad_accum_steps", 1))
   schedule = make_lr_schedule(optim, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -385,6 +416,8 @@ def make_optimizer(optim, params, *, total_steps: int, warmup_steps: int,
   plateau = plateau_settings(optim)
   if plateau:
     parts.append(scale_by_plateau(plateau["mode"]))
+  if optim.get("ema_decay", 0.0):
+    parts.append(params_ema(optim.ema_decay))
   tx = optax.chain(*parts)
   if accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum)

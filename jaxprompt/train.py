@@ -180,6 +180,13 @@ class Experiment:
                             if k in state["model_state"]},
             "opt_state": state["opt_state"], "step": state["step"]}
 
+  def evaluated(self, state) -> dict:
+    """The variables evaluators see: with optim.ema_for_eval the moving average of the trained
+    params (optim.ema_decay; GLIP's SOLVER.USE_EMA_FOR_MONITOR), else the params themselves."""
+    ema = optim.ema_of(state["opt_state"]) if self.config.optim.get("ema_for_eval") else None
+    return variables(state if ema is None else
+                     {**state, "params": optim.with_trainable(state["params"], ema)})
+
   def restored(self, state, checkpoint) -> dict:
     return {"params": optim.with_trainable(state["params"], checkpoint["params"]),
             "model_state": {**state["model_state"], **checkpoint["model_state"]},
@@ -277,7 +284,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.mode == "train" and start_step < total_steps:
       state, train_metrics = _train_loop(exp, state, start_step, ckpt, best, writer)
       final.update(train_metrics, step=total_steps)  # already written by the loop
-    evals = evaluators.run_all(exp.evaluators, variables(state))
+    evals = evaluators.run_all(exp.evaluators, exp.evaluated(state))
     if best is not None:
       best.update(final["step"], evals, exp.checkpointed(state))
       evals.update({"best/step": best.best["step"], f"best/{best.metric}": best.best["value"]})
@@ -285,7 +292,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         at_best = exp.restored(state, best.restore(exp.checkpointed(state)))
         for name in config.eval_at_best:
           evals.update({f"at_best/{name}/{k}": v
-                        for k, v in exp.evaluators[name].run(variables(at_best)).items()})
+                        for k, v in exp.evaluators[name].run(exp.evaluated(at_best)).items()})
     final.update(evals)
   finally:
     ckpt.close()  # waits for pending asynchronous saves, also when training stopped on an error
@@ -334,7 +341,7 @@ def _train_loop(exp: Experiment, state, start_step: int, ckpt, best, writer):
           state["opt_state"])
       writer.write_scalars(step, means)
       log(progress.line(step, means))
-    evals = {} if last else evaluators.run_all(exp.evaluators, variables(state), step=step,
+    evals = {} if last else evaluators.run_all(exp.evaluators, exp.evaluated(state), step=step,
                                                steps_per_epoch=exp.steps_per_epoch)
     if evals:
       writer.write_scalars(step, evals)

@@ -409,3 +409,25 @@ def test_common_optimizer_has_the_new_keys_with_defaults():
                                steps_per_epoch=5)
   assert [n for n, _ in optim.param_group_settings(config)] == ["head"]
   tx.init(TRAINABLE)
+
+
+def test_params_ema_is_glips_model_ema_after_each_update():
+  """GLIP's ModelEma: ema <- decay * ema + (1 - decay) * params after every optimizer step,
+  starting from the params; the updates themselves are unchanged."""
+  cfg = optim_config(ema_decay=0.9)
+  tx, _ = optim.make_optimizer(cfg, TRAINABLE, total_steps=10, warmup_steps=0)
+  plain, _ = optim.make_optimizer(optim_config(), TRAINABLE, total_steps=10, warmup_steps=0)
+  state, plain_state, params, ema = tx.init(TRAINABLE), plain.init(TRAINABLE), TRAINABLE, TRAINABLE
+  assert optim.ema_of(plain_state) is None
+  for _ in range(3):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(grads, state, params)
+    plain_updates, plain_state = plain.update(grads, plain_state, params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(plain_updates)):
+      np.testing.assert_array_equal(a, b)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, params)
+  for a, b in zip(jax.tree.leaves(optim.ema_of(state)), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  with pytest.raises(ValueError, match="optim.ema_decay=1.0"):
+    optim.params_ema(1.0)

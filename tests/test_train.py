@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from input_pipeline import pipeline
 from jaxprompt import optim, train
+from jaxprompt.models import common
 from conftest import assert_only_trainable_changed, tiny_config, train_batches  # pylint: disable=import-error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,3 +140,20 @@ def test_cli_runlocal_trains_and_writes_metrics(tmp_path):
                     "--config.mode=eval", f"--workdir={tmp_path}"])
   assert eval_only.returncode == 0, eval_only.stderr[-3000:]
   assert "resumed from" in eval_only.stdout
+
+
+def test_ema_for_eval_evaluates_the_moving_average_of_the_trained_params():
+  exp = train.build(tiny_config(**{"optim.ema_decay": 0.5, "optim.ema_for_eval": True}))
+  state = exp.state
+  for batch in train_batches(exp, 2):
+    state, _ = exp.train_step(state, batch)
+  ema = common.flatten(jax.device_get(optim.ema_of(state["opt_state"])))
+  params = common.flatten(jax.device_get(state["params"]))
+  seen = common.flatten(jax.device_get(exp.evaluated(state)["params"]))
+  labels = common.flatten(exp.labels)
+  assert ema and set(ema) == {k for k, v in labels.items() if v == optim.TRAIN}
+  for name, value in seen.items():
+    np.testing.assert_array_equal(value, ema[name] if name in ema else params[name])
+  assert any(not np.array_equal(ema[k], params[k]) for k in ema)
+  with pytest.raises(ValueError, match="optim.ema_for_eval=True: expected False unless"):
+    train.build(tiny_config(**{"optim.ema_for_eval": True}))

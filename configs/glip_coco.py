@@ -45,15 +45,19 @@ from configs import common
 DEMO_SIZE = 128  # the embedded scenes' side
 
 
-def glip_recipe(config, *, lr: float, lang_lr: float, weight_decay: float) -> None:
-  """GLIP's AdamW with its parameter groups, warm-up and multi-step schedule (module docstring)."""
+def glip_recipe(config, *, lr: float, lang_lr: float, weight_decay: float,
+                bias_group: bool = True) -> None:
+  """GLIP's AdamW with its parameter groups, warm-up and multi-step schedule (module docstring).
+
+  The language-backbone group exists only when its lr differs; `bias_group=False` leaves out the
+  biases' group, for trainable sets without biases (SDPT's prototypes alone)."""
+  groups = (("bias", dict(regex=r".*/bias", lr_mult=2.0, weight_decay=0.0)),) if bias_group \
+      else ()
+  if lang_lr != lr:
+    groups += (("language", dict(regex=r"language_backbone/.*", lr_mult=lang_lr / lr)),)
   config.optim = common.optimizer(
       "adamw", lr=lr, weight_decay=weight_decay, grad_clip_norm=1.0, decay="multistep",
-      milestones=(0.67, 0.89), warmup_steps=2000, warmup_init=lr * 0.001,
-      param_groups=(
-          ("bias", dict(regex=r".*/bias", lr_mult=2.0, weight_decay=0.0)),
-          ("language", dict(regex=r"language_backbone/.*", lr_mult=lang_lr / lr)),
-      ))
+      milestones=(0.67, 0.89), warmup_steps=2000, warmup_init=lr * 0.001, param_groups=groups)
 
 
 def detection_pp(min_size: int, max_size: int, canvas: int, max_boxes: int) -> tuple[str, str]:

@@ -11,7 +11,8 @@ GIoU x 2 weighted by centerness, centerness BCE; GLIP's `loss_cls` is multiplied
 
 What trains (`TRAINABLE_PARAMS`, overridable by `config.trainable_params`): every parameter but
 the class head `cls_logits`, which GLIP freezes whenever the dot-product token loss is on
-(`GeneralizedVLRCNN.__init__`). GLIP's `FREEZE_CONV_BODY_AT` / `BACKBONE.FREEZE` /
+(`GeneralizedVLRCNN.__init__`). `TRAINABLE_SETS` also names GLIP's linear probe and BitFit, the
+parameter-efficient baselines SDPT compares with. GLIP's `FREEZE_CONV_BODY_AT` / `BACKBONE.FREEZE` /
 `LANGUAGE_BACKBONE.FREEZE` are regexes here (`freeze_regex`).
 
 Batches carry (input_pipeline/detection.py) image, text_ids, text_mask (model inputs) and boxes,
@@ -33,6 +34,13 @@ from jaxprompt import method
 from jaxprompt.models.glip import atss, backbone, boxes, checkpoint, detector, inference
 
 TRAINABLE_PARAMS = r"(?!head/heads/cls_logits/).*"
+# GLIP's MODEL.LINEAR_PROB ('linear_prob' in tools/finetune.py): the head's output layers only
+# (bbox_pred, centerness, the dot-product projection, log_scale, bias_lang, bias0, per-level
+# scales are not in GLIP's list and stay frozen), cls_logits frozen as always.
+LINEAR_PROBE = (r"head/heads/(?:bbox_pred|centerness|dot_product_projection_text)/.*"
+                r"|head/heads/(?:log_scale|bias_lang|bias0)")
+BITFIT = r"(?!head/heads/cls_logits/).*/bias"  # every bias (BitFit, an SDPT baseline)
+TRAINABLE_SETS = {"full": TRAINABLE_PARAMS, "linear_probe": LINEAR_PROBE, "bitfit": BITFIT}
 DEFAULTS = dict(anchor_sizes=boxes.ANCHOR_SIZES, top_k=atss.ATSS_TOP_K,
                 score_threshold=inference.SCORE_THRESHOLD, pre_nms_top_n=inference.PRE_NMS_TOP_N,
                 nms_threshold=inference.NMS_THRESHOLD,

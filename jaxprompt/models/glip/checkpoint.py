@@ -110,6 +110,22 @@ def load_glip(variables: dict, path: str) -> dict:
   return {**variables, "params": common.merge_params(loaded, params, source=path)}
 
 
+def load_glip_keeping(method_params: str):
+  """`load_glip` for a GLIP with a method's own top-level params (SDPT's prototypes, GLIP's
+  prompt table): those whose names full-match `method_params` keep their init; the rest of the
+  model loads strictly."""
+  pattern = re.compile(method_params)
+
+  def load(variables: dict, path: str) -> dict:
+    params = variables["params"]
+    own = {k: v for k, v in params.items() if pattern.fullmatch(k)}
+    loaded = load_glip({**variables, "params": {k: v for k, v in params.items()
+                                                if k not in own}}, path)
+    return {**loaded, "params": {**loaded["params"], **own}}
+
+  return load
+
+
 def load_swin(variables: dict, path: str) -> dict:
   """`Method.loaders['image']`: Microsoft's Swin classification checkpoint (GLIP's MODEL.WEIGHT
   for pre-training: swin_tiny_patch4_window7_224.pth / swin_large_patch4_window12_384_22k.pth)

@@ -35,7 +35,7 @@ a 2-layer BERT of width 32, 2 fusion layers of attention width 64) for tests and
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -80,7 +80,9 @@ def level_shapes(height: int, width: int, patch_size: int = 4) -> tuple[tuple[in
 class VLDyHead(nn.Module):
   """GLIP's `rpn.head`: the fusion tower ([VLFuse, BERT layer, DyConv] x layers, params
   `dyhead_tower_{k}` as the original's nn.Sequential indices) and the prediction heads (`heads`).
-  `__call__(levels, hidden, text_mask, *, deterministic)` -> `PredictionHeads`' dict."""
+  `__call__(levels, hidden, text_mask, *, deterministic, fusion_tokens=None)` -> the
+  `PredictionHeads` dict; `fusion_tokens[i]`: (P_v, P_l) appended in fusion layer i
+  (`fusion.BiAttentionBlock`'s `extra_tokens`: SDPT's prototypes), None for plain GLIP."""
   num_classes: int
   size: str = "T"
   fusion_dropout: float = 0.1
@@ -88,14 +90,21 @@ class VLDyHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, levels, hidden, text_mask, *, deterministic: bool = True):
+  def __call__(self, levels, hidden, text_mask, *, deterministic: bool = True,
+               fusion_tokens: Optional[Sequence] = None, fusion_text_visible: bool = False):
     s = decode_size(self.size)
     text = bert.decode_variant(s["text"])
+    fusion_tokens = tuple(fusion_tokens or (None,) * s["layers"])
+    if len(fusion_tokens) != s["layers"]:
+      raise ValueError(f"fusion_tokens: got {len(fusion_tokens)} entries for the {s['layers']} "
+                       f"fusion layers of GLIP size {self.size!r}.")
     for i in range(s["layers"]):
       levels, hidden = fusion.BiAttentionBlock(
           s["channels"], text["width"], s["fusion_dim"], s["fusion_heads"],
           init_values=1.0 / s["layers"], dropout=self.fusion_dropout, dtype=self.dtype,
-          name=f"dyhead_tower_{3 * i}")(levels, hidden, text_mask, deterministic=deterministic)
+          name=f"dyhead_tower_{3 * i}")(levels, hidden, text_mask, deterministic=deterministic,
+                                        extra_tokens=fusion_tokens[i],
+                                        extra_text_visible=fusion_text_visible)
       hidden = fusion.ClampedBertLayer(
           text["mlp_dim"], text["num_heads"], dropout=self.dropout,
           attention_dropout=self.dropout, dtype=self.dtype,
@@ -124,7 +133,12 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, image, text_ids, text_mask, *, train: bool = False):
+  def __call__(self, image, text_ids, text_mask, *, train: bool = False,
+               fusion_tokens: Optional[Sequence] = None, fusion_text_visible: bool = False,
+               text_delta=None):
+    """`fusion_tokens`, `fusion_text_visible`: see `VLDyHead` (SDPT); `text_delta` (T', D), if
+    given, has its first T rows added to the language backbone's hidden states before the head
+    (GLIP's own prompt tuning, `ADD_LINEAR_LAYER`)."""
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f"GLIP takes images (B, H, W, 3); got shape {image.shape}.")
     if text_ids.shape != text_mask.shape or text_ids.shape[0] != image.shape[0]:
@@ -141,8 +155,12 @@ class Model(nn.Module):
     hidden = bert.Model(s["text"], dropout=self.dropout, attention_dropout=self.dropout,
                         dtype=self.dtype, name="language_backbone")(
                             text_ids, text_mask, train=train)["hidden"]
+    if text_delta is not None:
+      hidden = hidden + text_delta[None, :hidden.shape[1]].astype(hidden.dtype)
     out = VLDyHead(self.num_classes, self.size, self.fusion_dropout, self.dropout, self.dtype,
-                   name="head")(levels, hidden, text_mask, deterministic=not train)
+                   name="head")(levels, hidden, text_mask, deterministic=not train,
+                                fusion_tokens=fusion_tokens,
+                                fusion_text_visible=fusion_text_visible)
     aux = dict(box_regression=out["box_regression"], centerness=out["centerness"],
                cls_logits=out["cls_logits"],
                level_shapes=tuple((int(x.shape[1]), int(x.shape[2])) for x in levels))

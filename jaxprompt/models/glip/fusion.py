@@ -27,6 +27,8 @@ language-aware deep fusion):
 LayerNorms, extends the text mask with K padded (0) entries and drops the last K rows of both
 outputs before the residual: the operation of SDPT (wuyongjianCODE/SDPT, `fuse_helper.py`,
 `vpt_only == -4`), whose prototypes P_v / P_l the caller computes. K = 0 or None is plain GLIP.
+`extra_text_visible=True` leaves the K appended text entries unmasked, so image tokens attend to
+P_l too (the SDPT paper's reading, not its code).
 
 `ClampedBertLayer` (one BertEncoderLayer, post-LN): scores = q k^T / sqrt(head_dim), clamped to
 +-5e4 (CLAMP_BERTATTN_*), plus (1 - mask) * -10000 (the extended mask of the transformers 4.x GLIP
@@ -169,7 +171,7 @@ class LayerScaledBiAttention(nn.Module):
 
   @nn.compact
   def __call__(self, visual, lang, lang_mask, *, deterministic: bool = True,
-               extra_tokens: Optional[tuple] = None):
+               extra_tokens: Optional[tuple] = None, extra_text_visible: bool = False):
     batch, num_visual, v_dim = visual.shape
     num_text, l_dim = lang.shape[1:]
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
@@ -186,7 +188,8 @@ class LayerScaledBiAttention(nn.Module):
       if count > 0:
         v_all = jnp.concatenate([v, jnp.broadcast_to(extra_v, (batch, count, v_dim))], 1)
         l_all = jnp.concatenate([l, jnp.broadcast_to(extra_l, (batch, count, l_dim))], 1)
-        mask_all = jnp.concatenate([mask_all, jnp.zeros((batch, count), mask_all.dtype)], 1)
+        extra_mask = (jnp.ones if extra_text_visible else jnp.zeros)((batch, count), mask_all.dtype)
+        mask_all = jnp.concatenate([mask_all, extra_mask], 1)
     delta_v, delta_l = BiMultiHeadAttention(
         self.embed_dim, self.num_heads, self.dropout, self.clamp_min, self.clamp_max, self.dtype,
         name="attn")(v_all, l_all, mask_all, deterministic=deterministic)
@@ -233,7 +236,7 @@ class BiAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, visual_levels, lang_hidden, lang_mask, *, deterministic: bool = True,
-               extra_tokens: Optional[tuple] = None):
+               extra_tokens: Optional[tuple] = None, extra_text_visible: bool = False):
     if self.embed_dim % self.num_heads:
       raise ValueError(f"BiAttentionBlock: embed_dim={self.embed_dim} is not divisible by "
                        f"num_heads={self.num_heads}.")
@@ -254,7 +257,8 @@ class BiAttentionBlock(nn.Module):
     visual, lang = LayerScaledBiAttention(
         self.embed_dim, self.num_heads, self.init_values, self.dropout, self.clamp_min,
         self.clamp_max, self.layer_norm_eps, self.dtype, name="b_attn")(
-            visual, lang_hidden, lang_mask, deterministic=deterministic, extra_tokens=extra_tokens)
+            visual, lang_hidden, lang_mask, deterministic=deterministic, extra_tokens=extra_tokens,
+            extra_text_visible=extra_text_visible)
     return unflatten_levels(visual, sizes), lang
 
 

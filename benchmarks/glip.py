@@ -4,6 +4,7 @@ and what the step's time goes to (deformable conv / DyConv, fusion, NMS).
   python benchmarks/glip.py                                  # 256 x 256, batch 1, + 800 x 1344
   python benchmarks/glip.py --image_size=384 --batch_size=2 --big_inference=false
   python benchmarks/glip.py --modes=frozen --micro=false
+  python benchmarks/glip.py --modes=frozen,sdpt_paper,sdpt_release --micro=false --big_inference=false
 
 Why: GLIP-T (231.8 M parameters, 6 fusion layers of width 2048, DCNv2 in every DyConv) is the
 heaviest model here, and its COCO recipe runs 800 x 1333 images; this measures what a step costs
@@ -14,6 +15,9 @@ What is timed (median of --steps after a compile-and-warm-up call):
   * frozen: the trainer's step (`jaxprompt.train.build(config).train_step`) with the Swin body,
     FPN and BERT frozen (`glip_finetune.freeze_regex(body=True, fpn=True, language=True)`);
   * full: the same with GLIP's full fine-tuning (`glip_finetune.TRAINABLE_PARAMS`);
+  * sdpt_paper / sdpt_release (with --modes): SDPT with 700 prototypes per fusion layer, training
+    the prototypes alone / the release's set; against 'frozen' this shows what the prototypes
+    (the pseudo-inverses, recomputed each step as in the release, and K extra tokens) cost;
   * inference: `predict_fns(model, config)['detect']` (eval-mode model + ATSS post-processing
     with class-aware NMS) on one image at --image_size and, with --big_inference, at 800 x 1344
     (COCO's test canvas, batch 1);
@@ -52,7 +56,7 @@ from configs import glip_coco  # noqa: E402
 from input_pipeline import detection, embedded_detection, pipeline  # noqa: E402
 from jaxprompt import sharding, train  # noqa: E402
 from jaxprompt.models.glip import deform_conv, detector, dyconv, fusion, inference  # noqa: E402
-from jaxprompt.prompts import glip_finetune  # noqa: E402
+from jaxprompt.prompts import glip_finetune, sdpt  # noqa: E402
 
 
 def _load_train_step_benchmark():
@@ -68,7 +72,9 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("batch_size", 1)
 FLAGS.set_default("image_size", 256)
 FLAGS.set_default("steps", 3)
-flags.DEFINE_list("modes", ["frozen", "full"], "Train steps to time: frozen and/or full.")
+flags.DEFINE_list("modes", ["frozen", "full"], "Train steps to time, of: frozen (Swin, FPN and "
+                  "BERT frozen), full, sdpt_paper (SDPT's prototypes alone), sdpt_release.")
+flags.DEFINE_integer("sdpt_tokens", 700, "SDPT prototypes per fusion layer (the release's).")
 flags.DEFINE_bool("big_inference", True, "Also time 'detect' on one 800 x 1344 image.")
 flags.DEFINE_list("big_size", ["800", "1344"], "Height, width of the big inference.")
 flags.DEFINE_bool("micro", True, "Time the DyConv / DCNv2 / VLFuse / NMS microbenchmarks.")
@@ -77,6 +83,14 @@ flags.DEFINE_integer("num_classes", 80, "Classes of the caption and of cls_logit
 flags.DEFINE_integer("max_boxes", 100, "Padded boxes per image (the COCO config's).")
 
 SOURCE_NAME = "benchmark/glip_scenes"
+# mode -> (method, trainable regex)
+MODES = {
+    "frozen": ("prompts.glip_finetune",
+               glip_finetune.freeze_regex(body=True, fpn=True, language=True)),
+    "full": ("prompts.glip_finetune", glip_finetune.TRAINABLE_PARAMS),
+    "sdpt_paper": ("prompts.sdpt", sdpt.SDPT_PAPER),
+    "sdpt_release": ("prompts.sdpt", sdpt.SDPT_RELEASE),
+}
 
 
 class ScenesWithClasses(embedded_detection.DetectionShapesSource):
@@ -95,7 +109,8 @@ class ScenesWithClasses(embedded_detection.DetectionShapesSource):
     return 8
 
 
-def make_config(trainable: str, *, frozen_language: bool = False):
+def make_config(mode: str):
+  """GLIP-T on the benchmark's scenes, trained as `mode` (see `MODES`)."""
   config = glip_coco.get_config()  # the demo's embedded-data layout, then GLIP-T's settings
   config.model.size = "T"
   config.dataset, config.train_split = SOURCE_NAME, "train"
@@ -103,13 +118,15 @@ def make_config(trainable: str, *, frozen_language: bool = False):
   config.glip = {}  # GLIP's anchors (8 x stride) and post-processing defaults
   config.batch_size = config.eval_batch_size = FLAGS.batch_size
   config.total_steps = 10_000  # the schedule needs warmup (2000) < total; nothing runs that long
-  glip_coco.glip_recipe(config, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4)
-  if frozen_language:  # the recipe's language group would match no trainable parameter
-    config.optim.param_groups = tuple(g for g in config.optim.param_groups if g[0] != "language")
+  model_name, trainable = MODES[mode]
+  config.model_name, config.trainable_params = model_name, trainable
+  if model_name == "prompts.sdpt":
+    config.model.num_tokens = FLAGS.sdpt_tokens
+  glip_coco.glip_recipe(config, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4,
+                        bias_group=mode != "sdpt_paper")  # the prototypes have no biases
   side = FLAGS.image_size
   train_pp, eval_pp = glip_coco.detection_pp(side, side, side, FLAGS.max_boxes)
   config.pp.train, config.pp.eval = train_pp, eval_pp
-  config.trainable_params = trainable
   return config
 
 
@@ -165,10 +182,8 @@ def median_seconds(fn, steps: int) -> float:
 
 
 def time_train(mode: str, peak: float, rng):
-  trainable = (glip_finetune.freeze_regex(body=True, fpn=True, language=True) if mode == "frozen"
-               else glip_finetune.TRAINABLE_PARAMS)
   start = time.perf_counter()
-  exp = train.build(make_config(trainable, frozen_language=mode == "frozen"))
+  exp = train.build(make_config(mode))
   print(f"[{mode}] build (init GLIP-T, optimizer): {time.perf_counter() - start:.1f} s",
         flush=True)
   spec = pipeline.batch_spec(exp.data.source, "train", exp.data.train_pp, train=True)
@@ -308,7 +323,7 @@ def main(_):
   for mode in FLAGS.modes:
     exp, state = time_train(mode, peak, rng)
   if exp is None:
-    exp = train.build(make_config(glip_finetune.TRAINABLE_PARAMS))
+    exp = train.build(make_config("full"))
     state = exp.state
   time_detect(exp, state, FLAGS.image_size, FLAGS.image_size, peak, rng)
   if FLAGS.micro:

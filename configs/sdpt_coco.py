@@ -51,32 +51,39 @@ MASKS = {
 }
 
 
+def apply_mask(config, mask: str, *, lr: float, weight_decay: float, tokens: int) -> None:
+  """Switches a GLIP config to `mask`'s method and trainable set, with GLIP's optimizer at `lr`
+  (the language prompt baseline: its own lr 0.05 and weight decay 0.25, all of GLIP in eval
+  mode, as GLIP's README runs it). The schedule settings of the config are kept."""
+  if mask not in MASKS:
+    raise ValueError(f"mask={mask!r}: expected one of {sorted(MASKS)}.")
+  config.model_name, config.trainable_params = MASKS[mask]
+  if mask in ("release", "paper"):
+    config.model.num_tokens = tokens
+  if mask == "language_prompt":
+    lr, weight_decay = 0.05, 0.25
+    config.model.update(drop_path_rate=0.0, drop_block_prob=0.0, dropout=0.0, fusion_dropout=0.0)
+  schedule = {k: config.optim[k] for k in ("decay", "milestones", "warmup_steps", "warmup_init")}
+  glip_coco.glip_recipe(config, lr=lr, lang_lr=lr, weight_decay=weight_decay,
+                        bias_group=mask not in ("paper", "language_prompt"))  # sets with biases
+  config.optim.update(schedule)
+  if config.optim.warmup_init:  # GLIP's warm-up starts at 0.001 x the lr
+    config.optim.warmup_init = lr * 0.001
+
+
 def get_config(arg=None):
   arg = common.parse_arg(arg, data="", size="L", mask="release", tokens=700, runlocal=False)
-  if arg.mask not in MASKS:
-    raise ValueError(f"mask={arg.mask!r}: expected one of {sorted(MASKS)}.")
   demo = not arg.data
   config = glip_coco.get_config(f"size={arg.size},batch=1" + ("" if demo else f",data={arg.data}"))
   config.unlock()
-  config.model_name, config.trainable_params = MASKS[arg.mask]
-  if arg.mask in ("release", "paper"):
-    config.model.num_tokens = 8 if demo else arg.tokens
-  lr, weight_decay = 1e-5, 0.01
-  if arg.mask == "language_prompt":  # GLIP README "Prompt Tuning"; all of GLIP in eval mode
-    lr, weight_decay = 0.05, 0.25
-    config.model.update(drop_path_rate=0.0, drop_block_prob=0.0, dropout=0.0, fusion_dropout=0.0)
-  with_biases = arg.mask not in ("paper", "language_prompt")  # sets with biases get GLIP's x2
-  glip_coco.glip_recipe(config, lr=lr, lang_lr=lr, weight_decay=weight_decay,
-                        bias_group=with_biases)
   config.total_steps = 2000
   if demo:
     config.batch_size, config.total_steps = 8, 300
-    demo_lr = 1e-3 if arg.mask != "language_prompt" else lr
-    glip_coco.glip_recipe(config, lr=demo_lr, lang_lr=demo_lr, weight_decay=weight_decay,
-                          bias_group=with_biases)
-    config.optim.warmup_steps, config.optim.warmup_init = 30, 1e-5
     config.evals = common.evals("test", type="detection")
+    apply_mask(config, arg.mask, lr=1e-3, weight_decay=0.01, tokens=8)
+    config.optim.warmup_steps, config.optim.warmup_init = 30, 1e-5
   else:
+    apply_mask(config, arg.mask, lr=1e-5, weight_decay=0.01, tokens=arg.tokens)
     config.model.frozen_stages = 1
     train_pp, eval_pp = glip_coco.detection_pp(800, 1333, 1344, 100)
     config.pp = ml_collections.ConfigDict(dict(train=train_pp, eval=eval_pp))

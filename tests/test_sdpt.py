@@ -17,7 +17,7 @@ import torch_glip_backbone
 import torch_glip_fusion_heads as ref
 from conftest import assert_only_trainable_changed, train_batches
 
-from configs import sdpt_coco
+from configs import sdpt_coco, sdpt_odinw
 from jaxprompt import optim, train
 from jaxprompt.models import common
 from jaxprompt.models.glip import detector, fusion
@@ -198,3 +198,44 @@ def test_baselines_train_their_sets_in_the_same_detector():
   bitfit = [k for k in names if re.fullmatch(glip_finetune.BITFIT, k)]
   assert bitfit and all(k.endswith("/bias") and "cls_logits" not in k for k in bitfit)
   assert len(bitfit) == sum(k.endswith("/bias") for k in names) - 1  # all but cls_logits'
+
+
+@pytest.mark.parametrize("mask", sorted(sdpt_coco.MASKS))
+def test_every_mask_of_both_configs_resolves_to_its_method_and_set(mask):
+  for config in (sdpt_coco.get_config(f"mask={mask}"), sdpt_odinw.get_config(f"mask={mask}"),
+                 sdpt_coco.get_config(f"data=/coco,size=L,mask={mask}")):
+    assert (config.model_name, config.trainable_params) == sdpt_coco.MASKS[mask]
+    groups = [name for name, _ in config.optim.param_groups]
+    assert ("bias" in groups) == (mask not in ("paper", "language_prompt"))
+    assert "language" not in groups  # one lr for every trained set, as the release
+    if mask == "language_prompt":
+      assert (config.optim.lr, config.optim.weight_decay, config.model.dropout) == (0.05, 0.25, 0)
+  real = sdpt_coco.get_config(f"data=/coco,size=L,mask={mask}")
+  assert (real.total_steps, real.batch_size, real.model.frozen_stages) == (2000, 1, 1)
+  assert real.optim.warmup_steps == 2000 and tuple(real.optim.milestones) == (0.67, 0.89)
+  with pytest.raises(ValueError, match="mask='prompt'"):
+    sdpt_coco.get_config("mask=prompt")
+
+
+def test_pseudo_inverses_are_computed_once_and_follow_loaded_weights(tmp_path):
+  """The model reads pinv(W_q), pinv(W_k) from its frozen collection (not an SVD per step); the
+  SDPT loader recomputes them from the weights it loads; training W_q / W_k is refused."""
+  x, ids = jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 8), jnp.int32)
+  model = sdpt.Model(num_classes=4, size="tiny", num_tokens=4)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, ids, ids)
+  attn = sdpt.fusion_attention(variables["params"], 1)
+  np.testing.assert_allclose(variables[sdpt.INVERSES]["layer_1"]["l_proj"],
+                             np.linalg.pinv(np.asarray(attn["l_proj"]["kernel"])), atol=1e-5)
+  moved = jax.tree.map(lambda v: v * 2.0, variables["params"]["head"])  # e.g. loaded weights
+  stale = {**variables, "params": {**variables["params"], "head": moved}}
+  fresh = sdpt.with_inverses(stale)
+  np.testing.assert_allclose(fresh[sdpt.INVERSES]["layer_0"]["v_proj"],
+                             variables[sdpt.INVERSES]["layer_0"]["v_proj"] / 2.0, rtol=1e-4)
+  without = {k: v for k, v in variables.items() if k != sdpt.INVERSES}
+  with pytest.raises(ValueError, match="lack the 'sdpt_inverses' collection"):
+    model.apply(without, x, ids, ids)
+  config = sdpt_coco.get_config("runlocal")
+  config.unlock()
+  config.trainable_params = r"prototypes_\d+|head/dyhead_tower_0/b_attn/.*"
+  with pytest.raises(ValueError, match="must stay frozen"):
+    sdpt.make_loss(config, None)

@@ -14,7 +14,9 @@ U(-1, 1)) and the layer's frozen query / key projections W_q (256 x E), W_k (768
 are appended after the layer's LayerNorms to the visual and the text sequence; the text mask is
 extended with K zeros, so image tokens never attend to P_l; the last K rows of both outputs are
 dropped before the residual (`models/glip/fusion.py`, `extra_tokens`). The pseudo-inverses are of
-the frozen kernels (no gradient flows into them), recomputed every forward as in the original.
+the frozen kernels (no gradient flows into them); the original recomputes them every forward, we
+compute them once (the `INVERSES` collection, at init and by the loaders): on GLIP-T the twelve
+SVDs cost ~1.1 s per step on a 2-core CPU.
 Consequences the tests check: the image-side output of every fusion layer equals plain GLIP's; P_l
 has no effect on any kept output, so U's gradient comes through P_v alone.
 `unmask_text_prototypes=True` is the paper's reading instead (both modalities see the prompts).
@@ -36,6 +38,7 @@ only); the release's evaluation quirks (a 79-phrase cut of the label map that ne
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import flax.linen as nn
@@ -50,6 +53,9 @@ PROTOTYPES = r"prototypes_\d+"
 SDPT_PAPER = PROTOTYPES
 SDPT_RELEASE = (PROTOTYPES + r"|head/(?!heads/cls_logits/)(?!dyhead_tower_\d+/b_attn/).*")
 TRAINABLE_SETS = {"sdpt_paper": SDPT_PAPER, "sdpt_release": SDPT_RELEASE}
+# The non-param collection holding pinv(W_q), pinv(W_k) of each prototype layer: computed once
+# (at init and by the loaders), as the kernels are frozen; frozen like every such collection.
+INVERSES = "sdpt_inverses"
 
 
 def _uniform_plus_minus_one(key, shape, dtype=jnp.float32):
@@ -57,12 +63,34 @@ def _uniform_plus_minus_one(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
 
 
-def to_input_space(prototypes, dense: dict):
+def pseudo_inverse(dense: dict):
+  """pinv(W) (E x D) of a frozen nn.Dense kernel W (D x E), in float32."""
+  return jnp.linalg.pinv(jax.lax.stop_gradient(dense["kernel"]).astype(jnp.float32))
+
+
+def to_input_space(prototypes, dense: dict, inverse=None):
   """(U - b) pinv(W) for a frozen nn.Dense {'kernel' (D, E), 'bias' (E,)}: the K x D inputs whose
-  projection is U's orthogonal projection onto the kernel's row space (plus b)."""
-  kernel = jax.lax.stop_gradient(dense["kernel"]).astype(jnp.float32)
+  projection is U's orthogonal projection onto the kernel's row space (plus b). `inverse`:
+  pinv(W) when already computed (`INVERSES`)."""
+  inverse = pseudo_inverse(dense) if inverse is None else inverse
   bias = jax.lax.stop_gradient(dense["bias"]).astype(jnp.float32)
-  return (prototypes.astype(jnp.float32) - bias) @ jnp.linalg.pinv(kernel)
+  return (prototypes.astype(jnp.float32) - bias) @ jax.lax.stop_gradient(inverse)
+
+
+def fusion_attention(params: dict, layer: int) -> dict:
+  """The params of fusion layer `layer`'s attention (v_proj = W_q, l_proj = W_k, ...)."""
+  return params["head"][f"dyhead_tower_{3 * layer}"]["b_attn"]["attn"]
+
+
+def with_inverses(variables: dict) -> dict:
+  """`variables` with the `INVERSES` collection recomputed from its (frozen) fusion kernels: what
+  a loader of new GLIP weights must do."""
+  inverses = {}
+  for name in variables.get(INVERSES, {}):
+    attn = fusion_attention(variables["params"], int(name.split("_")[1]))
+    inverses[name] = {"v_proj": pseudo_inverse(attn["v_proj"]),
+                      "l_proj": pseudo_inverse(attn["l_proj"])}
+  return {**variables, INVERSES: inverses}
 
 
 class Model(detector.Model):
@@ -91,23 +119,57 @@ class Model(detector.Model):
   @nn.compact
   def __call__(self, image, text_ids, text_mask, *, train: bool = False):
     s = detector.decode_size(self.size)
+    chosen = self.check()
+    prototypes = {layer: self.param(f"prototypes_{layer}", _uniform_plus_minus_one,
+                                    (self.num_tokens, s["fusion_dim"])) for layer in chosen}
     tokens = [None] * s["layers"]
-    for layer in self.check():
-      prototypes = self.param(f"prototypes_{layer}", _uniform_plus_minus_one,
-                              (self.num_tokens, s["fusion_dim"]))
-      if self.is_initializing():  # the fusion kernels do not exist yet; shapes are what count
-        continue
-      attn = self.variables["params"]["head"][f"dyhead_tower_{3 * layer}"]["b_attn"]["attn"]
-      tokens[layer] = (to_input_space(prototypes, attn["v_proj"])[None],
-                       to_input_space(prototypes, attn["l_proj"])[None])
-    return detector.Model.__call__(self, image, text_ids, text_mask, train=train,
-                                   fusion_tokens=tuple(tokens),
-                                   fusion_text_visible=self.unmask_text_prototypes)
+    if not self.is_initializing():  # at init the fusion kernels do not exist yet
+      for layer in chosen:
+        attn = fusion_attention(self.variables["params"], layer)
+        inverse = self.get_variable(INVERSES, f"layer_{layer}")
+        if inverse is None:
+          raise ValueError(f"SDPT: the variables lack the '{INVERSES}' collection (the frozen "
+                           "projections' pseudo-inverses); build them with model.init and load "
+                           "weights with the method's loaders (sdpt.with_inverses).")
+        tokens[layer] = (to_input_space(prototypes[layer], attn["v_proj"],
+                                        inverse["v_proj"])[None],
+                         to_input_space(prototypes[layer], attn["l_proj"],
+                                        inverse["l_proj"])[None])
+    out = detector.Model.__call__(self, image, text_ids, text_mask, train=train,
+                                  fusion_tokens=tuple(tokens),
+                                  fusion_text_visible=self.unmask_text_prototypes)
+    if self.is_initializing():
+      for layer in chosen:
+        attn = fusion_attention(self.variables["params"], layer)
+        self.variable(INVERSES, f"layer_{layer}", lambda a=attn: {
+            "v_proj": pseudo_inverse(a["v_proj"]), "l_proj": pseudo_inverse(a["l_proj"])})
+    return out
+
+
+def refreshing_inverses(load):
+  """A loader that then recomputes the pseudo-inverses from the loaded kernels."""
+  return lambda variables, path: with_inverses(load(variables, path))
+
+
+def make_loss(config, source):
+  """GLIP's loss; refuses trainable sets that would move a prototype layer's W_q / W_k (their
+  pseudo-inverses are computed once)."""
+  regex = config.get("trainable_params") or METHOD.trainable
+  layers = config.model.get("cpt_layers") or range(detector.decode_size(
+      config.model.get("size", "T"))["layers"])
+  moving = [name for layer in layers for proj in ("v_proj", "l_proj")
+            for name in [f"head/dyhead_tower_{3 * layer}/b_attn/attn/{proj}/kernel"]
+            if re.fullmatch(regex, name)]
+  if moving:
+    raise ValueError(f"SDPT: trainable_params={regex!r} trains {moving[:2]}...; the prototypes are "
+                     "mapped by the pseudo-inverses of these frozen projections (computed once), "
+                     "so they must stay frozen (the release freezes the fusion blocks).")
+  return glip_finetune.make_loss(config, source)
 
 
 METHOD = method.Method(
     model=Model, trainable=SDPT_RELEASE,
-    loaders={"model": checkpoint.load_glip_keeping(PROTOTYPES), "image": checkpoint.load_swin,
-             "text": checkpoint.load_bert},
-    inputs=("image", "text_ids", "text_mask"), make_loss=glip_finetune.make_loss,
+    loaders={"model": refreshing_inverses(checkpoint.load_glip_keeping(PROTOTYPES)),
+             "image": checkpoint.load_swin, "text": checkpoint.load_bert},
+    inputs=("image", "text_ids", "text_mask"), make_loss=make_loss,
     predict_fns=glip_finetune.predict_fns)

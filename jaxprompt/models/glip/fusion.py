@@ -23,10 +23,12 @@ language-aware deep fusion):
   8. out_v = merge(A_v V_l) W_ov + b_ov, out_l = merge(A_l V_v) W_ol + b_ol;
   9. the residual goes onto the *normalised* inputs: X' = X^ + gamma_v * out_v,
      H' = H^ + gamma_l * out_l (layer scale, init 1 / NUM_CONVS); X' is split back into levels.
-`extra_tokens=(P_v (B|1, K, Dv), P_l (B|1, K, Dl))` appends K tokens to X^ and H^ after the
-LayerNorms, extends the text mask with K padded (0) entries and drops the last K rows of both
-outputs before the residual: the operation of SDPT (wuyongjianCODE/SDPT, `fuse_helper.py`,
-`vpt_only == -4`), whose prototypes P_v / P_l the caller computes. K = 0 or None is plain GLIP.
+`extra_tokens=(P_v (B|1, K, Dv), P_l (B|1, K, Dl))` is the operation of SDPT (wuyongjianCODE/SDPT,
+`fuse_helper.py`, `vpt_only == -4`), whose prototypes P_v / P_l the caller computes: append K
+tokens to X^ and H^ after the LayerNorms, extend the text mask with K padded (0) entries, attend,
+and drop the last K rows of both outputs before the residual. The rows that would be dropped are
+never computed, and the masked P_l columns (weight exactly 0 after the -9e15) are left out, so the
+cost is the K extra keys and values of the text side. K = 0 or None is plain GLIP.
 `extra_text_visible=True` leaves the K appended text entries unmasked, so image tokens attend to
 P_l too (the SDPT paper's reading, not its code).
 
@@ -114,9 +116,15 @@ class BiMultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, v, l, lang_mask, *, deterministic: bool = True):
-    batch, _, v_dim = v.shape
-    l_dim = l.shape[-1]
+  def __call__(self, v, l, lang_mask, *, deterministic: bool = True, extra_v=None,
+               extra_l=None):
+    """`extra_v` (B, K, Dv): visual tokens the text side attends to beside `v` (SDPT's P_v);
+    `extra_l` (B, K', Dl): text tokens the image side attends to beside `l`, unmasked (the paper's
+    reading of SDPT). Their own output rows would be dropped, so they are never computed; and
+    masked extra text columns (the code's reading) get exactly zero weight, so they are left out
+    rather than masked."""
+    batch, num_visual, v_dim = v.shape
+    num_text, l_dim = l.shape[1:]
     heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
     dense = lambda features, name: nn.Dense(
         features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
@@ -128,22 +136,29 @@ class BiMultiHeadAttention(nn.Module):
     def merge_heads(y):  # (B, H, L, E/H) -> (B, L, E)
       return y.transpose(0, 2, 1, 3).reshape(batch, y.shape[2], self.embed_dim)
 
+    mask = jnp.asarray(lang_mask).astype(jnp.float32)
+    if extra_v is not None:
+      v = jnp.concatenate([v, extra_v.astype(v.dtype)], 1)
+    if extra_l is not None:
+      l = jnp.concatenate([l, extra_l.astype(l.dtype)], 1)
+      mask = jnp.concatenate([mask, jnp.ones(extra_l.shape[:2], mask.dtype)], 1)
     query = split_heads(dense(self.embed_dim, "v_proj")(v) * head_dim**-0.5)
     key = split_heads(dense(self.embed_dim, "l_proj")(l))
     value_v = split_heads(dense(self.embed_dim, "values_v_proj")(v))
     value_l = split_heads(dense(self.embed_dim, "values_l_proj")(l))
 
-    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N, T)
+    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N(+K), T(+K'))
     scores = clamp(scores, self.clamp_min, self.clamp_max)
 
     # Text side: each text token attends over all visual tokens; no mask at all.
-    scores_l = scores.swapaxes(-1, -2)  # (B, H, T, N)
+    scores_l = scores[..., :num_text].swapaxes(-1, -2)  # (B, H, T, N(+K))
     scores_l = scores_l - scores_l.max(-1, keepdims=True)
     weights_l = jax.nn.softmax(clamp(scores_l, self.clamp_min, self.clamp_max), axis=-1)
 
     # Image side: padded text columns get -9e15, valid ones the mask value (1).
-    mask = jnp.asarray(lang_mask).astype(jnp.float32)[:, None, None, :]  # (B, 1, 1, T)
-    weights_v = jax.nn.softmax(scores + jnp.where(mask == 0, IMAGE_SIDE_MASK_VALUE, mask), axis=-1)
+    mask = mask[:, None, None, :]  # (B, 1, 1, T(+K'))
+    weights_v = jax.nn.softmax(scores[:, :, :num_visual]
+                               + jnp.where(mask == 0, IMAGE_SIDE_MASK_VALUE, mask), axis=-1)
 
     if not deterministic and self.dropout > 0:
       weights_v = vit.Dropout(self.dropout)(weights_v, deterministic=False)
@@ -172,12 +187,12 @@ class LayerScaledBiAttention(nn.Module):
   @nn.compact
   def __call__(self, visual, lang, lang_mask, *, deterministic: bool = True,
                extra_tokens: Optional[tuple] = None, extra_text_visible: bool = False):
-    batch, num_visual, v_dim = visual.shape
-    num_text, l_dim = lang.shape[1:]
+    batch, _, v_dim = visual.shape
+    l_dim = lang.shape[-1]
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     v = norm("layer_norm_v")(visual)
     l = norm("layer_norm_l")(lang)
-    v_all, l_all, mask_all = v, l, jnp.asarray(lang_mask)
+    extra_v = extra_l = None
     if extra_tokens is not None:
       extra_v, extra_l = (jnp.asarray(t) for t in extra_tokens)
       count = extra_v.shape[1] if extra_v.ndim == 3 else -1
@@ -185,15 +200,17 @@ class LayerScaledBiAttention(nn.Module):
         if extra.ndim != 3 or extra.shape[0] not in (1, batch) or extra.shape[1:] != (count, dim):
           raise ValueError(f"extra_tokens {what} has shape {extra.shape}; expected ({batch} or 1, "
                            f"K, {dim}) with the same K for P_v and P_l (P_v has K={count}).")
-      if count > 0:
-        v_all = jnp.concatenate([v, jnp.broadcast_to(extra_v, (batch, count, v_dim))], 1)
-        l_all = jnp.concatenate([l, jnp.broadcast_to(extra_l, (batch, count, l_dim))], 1)
-        extra_mask = (jnp.ones if extra_text_visible else jnp.zeros)((batch, count), mask_all.dtype)
-        mask_all = jnp.concatenate([mask_all, extra_mask], 1)
+      if count == 0:
+        extra_v = extra_l = None
+      else:
+        extra_v = jnp.broadcast_to(extra_v, (batch, count, v_dim))
+        # Masked (the code's reading), P_l only feeds columns of weight 0 and dropped rows.
+        extra_l = jnp.broadcast_to(extra_l, (batch, count, l_dim)) if extra_text_visible \
+            else None
     delta_v, delta_l = BiMultiHeadAttention(
         self.embed_dim, self.num_heads, self.dropout, self.clamp_min, self.clamp_max, self.dtype,
-        name="attn")(v_all, l_all, mask_all, deterministic=deterministic)
-    delta_v, delta_l = delta_v[:, :num_visual], delta_l[:, :num_text]  # drop the extra rows
+        name="attn")(v, l, lang_mask, deterministic=deterministic, extra_v=extra_v,
+                     extra_l=extra_l)
     gamma = lambda name, dim: self.param(name, nn.initializers.constant(self.init_values), (dim,))
     return v + gamma("gamma_v", v_dim) * delta_v, l + gamma("gamma_l", l_dim) * delta_l
 

@@ -301,7 +301,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.write_scalars(final["step"], evals)
   writer.flush()
   for key in sorted(final):
-    if key.endswith(("/accuracy", "mAP", "R@1")):
+    if key.endswith(("/accuracy", "mAP", "R@1", "/AP")):
       log(f"{key}: {final[key]:.4f}")
   if jax.process_index() == 0:
     writers.write_json_atomic(os.path.join(workdir, "metrics.json"), final)

@@ -38,6 +38,7 @@ import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxprompt.models import bert
@@ -169,7 +170,6 @@ class Model(nn.Module):
 
 def count_params(size: str, num_classes: int = 80) -> int:
   """Parameters of a GLIP size, from shapes only (no weights are built)."""
-  import jax  # pylint: disable=import-outside-toplevel
   model = Model(num_classes=num_classes, size=size)
   text = jnp.zeros((1, 8), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),

@@ -60,6 +60,12 @@ def base_config(*, model_name: str, model: dict,
   config.evals = ml_collections.ConfigDict()
   config.keep_best = ()  # (metric, 'max'|'min'): also keep the best checkpoint by that metric
   config.eval_at_best = ()  # evaluator names rerun with the best checkpoint's params at the end
+  # > 0: stop training after that many evaluations in a row without a better keep_best metric
+  # (GLIP's SOLVER.AUTO_TERMINATE_PATIENCE); 0: train all steps.
+  config.early_stop_patience = 0
+  # Config arguments of variants of this file run one after another and compared in one table
+  # (jaxprompt/variants.py), e.g. ('mask=release', 'mask=full'); () = one run.
+  config.variants = ()
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   # A rerun resumes the workdir's run only when its state-shaping settings match the workdir's
@@ -83,13 +89,16 @@ def optimizer(name: str, lr: float, weight_decay: float, **kw) -> ml_collections
   param_groups is a tuple of (name, dict(regex=..., lr_mult=1.0, weight_decay=None)) pairs, first
   match wins (a tuple, as ConfigDict sorts a dict's keys); schedule_unit 'epoch' is CoOp's
   per-epoch (Dassl) cosine, 'step' the per-step one; decay 'multistep' (with milestones as
-  fractions of the training steps and decay_factor) is GLIP's WarmupMultiStepLR; ema_decay > 0
+  fractions of the training steps and decay_factor) is GLIP's WarmupMultiStepLR, and
+  weight_decay_schedule_ratio > 0 lowers the weight decay by decay_factor ahead of each milestone
+  (GLIP's SOLVER.WEIGHT_DECAY_SCHEDULE with its ratio 0.667); ema_decay > 0
   keeps a moving average of the trained params (GLIP's SOLVER.MODEL_EMA), which evaluators use with
   ema_for_eval (SOLVER.USE_EMA_FOR_MONITOR)."""
   settings = dict(name=name, lr=lr, momentum=0.9, weight_decay=weight_decay, no_weight_decay="",
                   warmup_epochs=0, warmup_steps=0, min_lr=0.0, grad_clip_norm=0.0,
                   grad_accum_steps=1, param_groups=(), schedule_unit="step", decay="cosine",
-                  milestones=(), decay_factor=0.1, warmup_init=0.0,
+                  milestones=(), decay_factor=0.1, weight_decay_schedule_ratio=0.0,
+                  warmup_init=0.0,
                   ema_decay=0.0, ema_for_eval=False)
   unknown = set(kw) - set(settings)
   if unknown:

@@ -32,15 +32,26 @@ Expected zero-shot COCO val2017 box AP of the released checkpoints (GLIP README,
 GLIP-T (O365, GoldG, CC3M, SBU) 46.6, GLIP-L 51.4 (fine-tuned: 55.2 and 61.7). These need the
 released weights and COCO, which this project cannot download; not measured here.
 
-Deviations:
-  * Batches are padded to one fixed canvas (1344 x 1344 at 800/1333) so that every step has one
-    compiled shape; GLIP pads each batch to the next multiple of 32 of its largest image. Its
-    fusion attention sees the padded area (no visual mask), so the extra padding can move the
-    numbers slightly.
+Padding (GLIP: `to_image_list(size_divisible=32)`, DATALOADER.SIZE_DIVISIBILITY 32; its fusion
+attends to the padded area, with no visual mask, so the padding can move the numbers):
+  * evaluation on real data is GLIP's: each image is zero-padded to the multiple of 32 of its own
+    resized size (an 800 x 1066 image to 800 x 1088) and batched only with images of that padded
+    size (`pad_image(1344, 1344, size_divisible=32)`, input_pipeline/pipeline.py's shape
+    buckets), which is what GLIP computes at its zero-shot TEST.IMS_PER_BATCH 1, whatever
+    eval_batch_size is here. Each padded size compiles the detect step once (a few dozen sizes
+    on COCO at 800/1333). This needs a single process; a multi-process evaluation is refused
+    with an error and needs --config.pp.eval with pad_image(1344, 1344) (the fixed canvas, the
+    deviation below) in place of pad_image(1344, 1344, size_divisible=32).
+  * Deviation: training pads every image to one fixed canvas (1344 x 1344 at 800/1333), so that
+    the train step has one compiled shape; GLIP pads each per-GPU training batch to the multiple
+    of 32 of its largest image, a shape that changes every step (multi-scale training draws the
+    shorter side per image), which would recompile the train step throughout the run. The
+    embedded demo's scenes are all 128 x 128, so its canvas is exactly GLIP's padding.
 """
 import ml_collections
 
 from configs import common
+from input_pipeline import pp_ops_boxes
 
 DEMO_SIZE = 128  # the embedded scenes' side
 
@@ -60,11 +71,17 @@ def glip_recipe(config, *, lr: float, lang_lr: float, weight_decay: float,
       milestones=(0.67, 0.89), warmup_steps=2000, warmup_init=lr * 0.001, param_groups=groups)
 
 
-def detection_pp(min_size: int, max_size: int, canvas: int, max_boxes: int) -> tuple[str, str]:
-  """(train, eval) pp specs of GLIP's transforms (input_pipeline/pp_ops_boxes.py)."""
-  tail = f"to_bgr255_normalize|pad_image({canvas}, {canvas})"
-  return (f"resize_glip({min_size}, {max_size})|flip_lr_boxes|{tail}|pad_boxes({max_boxes})",
-          f"resize_glip({min_size}, {max_size})|{tail}|pad_boxes({max_boxes}, drop_extra=True)")
+def detection_pp(min_size: int, max_size: int, canvas: int, max_boxes: int, *,
+                 size_divisible: int = pp_ops_boxes.GLIP_SIZE_DIVISIBILITY) -> tuple[str, str]:
+  """(train, eval) pp specs of GLIP's transforms (input_pipeline/pp_ops_boxes.py). Training pads
+  to the fixed `canvas`; evaluation, with `size_divisible` d > 0 (GLIP's 32), at the multiple of
+  d of each image's own size, batched by that size (0: the fixed canvas, as training)."""
+  resize = f"resize_glip({min_size}, {max_size})"
+  canvas_pad = f"pad_image({canvas}, {canvas})"
+  eval_pad = (f"pad_image({canvas}, {canvas}, size_divisible={size_divisible})" if size_divisible
+              else canvas_pad)
+  return (f"{resize}|flip_lr_boxes|to_bgr255_normalize|{canvas_pad}|pad_boxes({max_boxes})",
+          f"{resize}|to_bgr255_normalize|{eval_pad}|pad_boxes({max_boxes}, drop_extra=True)")
 
 
 def get_config(arg=None):
@@ -88,7 +105,8 @@ def get_config(arg=None):
   if demo:
     config.dataset = "embedded/detection_shapes"
     config.dataset_kwargs = ml_collections.ConfigDict(dict(max_text_len=32))
-    train_pp, eval_pp = detection_pp(DEMO_SIZE, DEMO_SIZE, DEMO_SIZE, 8)
+    # All scenes are 128 x 128: the fixed canvas is exactly GLIP's padding.
+    train_pp, eval_pp = detection_pp(DEMO_SIZE, DEMO_SIZE, DEMO_SIZE, 8, size_divisible=0)
     config.evals = common.evals("test", type="detection")
     config.batch_size, config.eval_batch_size = 8, 16
     config.total_steps = 300

@@ -11,6 +11,17 @@ Evaluation (`make_eval_dataset`): one pass, every example of the split exactly o
 hosts; the last batch is padded with '_mask' = False examples, and every host yields the same
 number of batches (hosts with fewer examples add whole masked batches).
 
+Shape-bucketed evaluation: examples that carry '_padded_size' (int32 (h, w), set by a pp op such
+as `pad_image(H, W, size_divisible=32)`, which pads the image to its fixed (H, W) canvas) are
+evaluated at that size: each image is cut back to its top-left '_padded_size' and batched only
+with images of the same size (`tf.data` `group_by_window`, keyed on the size); every group's last
+batch is filled up with '_mask' = False zeros. Batches then differ in image shape (a jitted
+predict function compiles once per shape); examples come out grouped, not in the split's order.
+The stream holds at most (number of sizes) x (batch - 1) waiting examples. Only a single process
+can bucket: processes run the same shape in the same step and their batch counts must agree,
+which per-process grouping cannot guarantee, so with `process_count` > 1 it is an error (pad to a
+fixed canvas there: the pp op without size_divisible). Training streams ignore '_padded_size'.
+
 A batch carries 'image' and whichever of the source's declared `batch_keys` the examples have:
 'label' (single-label sources), 'labels' (multi-hot, multi-label sources), 'caption_tokens'
 (sources that tokenise captions), ...; other example keys (file names, caption strings) stay out
@@ -23,6 +34,8 @@ from typing import Callable
 import tensorflow as tf
 
 from input_pipeline import base
+
+PADDED_SIZE_KEY = "_padded_size"  # an eval example's (h, w) to cut its image to and bucket on
 
 
 def _batch_fields(example: dict, batch_keys: dict) -> dict:
@@ -84,13 +97,18 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
 def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict],
                       *, global_batch_size: int, process_index: int = 0,
                       process_count: int = 1) -> tf.data.Dataset:
-  """One pass of batches {'image', 'label', '_mask': (b,) bool}, padded as described above."""
+  """One pass of batches {'image', 'label', '_mask': (b,) bool}, padded as described above (and
+  bucketed by image size when the examples carry '_padded_size')."""
   batch = local_batch_size(global_batch_size, process_count)
   counts = _host_counts(source, split, process_count)
   num_batches = -(-max(counts) // batch)
 
   def prepare(example):
-    return {**_batch_fields(preprocess_fn(example), source.batch_keys), "_mask": tf.constant(True)}
+    example = preprocess_fn(example)
+    fields = {**_batch_fields(example, source.batch_keys), "_mask": tf.constant(True)}
+    if PADDED_SIZE_KEY in example:
+      fields[PADDED_SIZE_KEY] = tf.cast(example[PADDED_SIZE_KEY], tf.int32)
+    return fields
 
   ds = source.dataset(split, process_index=process_index, process_count=process_count)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -98,10 +116,67 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
   if not image_shape.is_fully_defined():
     raise ValueError(f"Evaluation batches need a fixed image size after preprocessing; got "
                      f"{image_shape} for {source.name} split {split!r}.")
+  if PADDED_SIZE_KEY in ds.element_spec:
+    _check_single_process(source, split, process_count)
+    return _bucketed_by_size(ds, batch).prefetch(tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors(  # zeros everywhere, '_mask' False
       {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
   ds = ds.concatenate(padding.repeat(num_batches * batch - counts[process_index]))
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def check_eval_buckets(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict],
+                       *, process_count: int) -> bool:
+  """Whether `split`'s eval stream through `preprocess_fn` is bucketed by image size (its examples
+  carry '_padded_size'), from the dataset graph alone (no data is read); a ValueError when it is
+  and `process_count` > 1, so that a run can refuse it before training rather than at its first
+  evaluation."""
+  spec = source.raw_dataset(split).map(lambda e: preprocess_fn(dict(source.decode(e))))
+  bucketed = PADDED_SIZE_KEY in spec.element_spec
+  if bucketed:
+    _check_single_process(source, split, process_count)
+  return bucketed
+
+
+def _check_single_process(source, split: str, process_count: int) -> None:
+  if process_count > 1:
+    raise ValueError(
+        f"{source.name} split {split!r}: the eval preprocessing sets {PADDED_SIZE_KEY!r} (e.g. "
+        f"pad_image(..., size_divisible=32)), which batches images by padded size; that needs a "
+        f"single process, and this run has process_count={process_count} (processes must run "
+        f"the same image shape in every step). Evaluate on the fixed canvas instead: "
+        f"pad_image(H, W) without size_divisible in config.pp.eval.")
+
+
+def _bucketed_by_size(ds: tf.data.Dataset, batch: int) -> tf.data.Dataset:
+  """Examples with images cut to their '_padded_size', in batches of `batch` whose images share
+  that size; each size's last batch is filled up with zeros ('_mask' False)."""
+  canvas = ds.element_spec["image"].shape.as_list()
+
+  def cut(example):
+    example = dict(example)
+    size = example.pop(PADDED_SIZE_KEY)
+    check = tf.debugging.Assert(
+        tf.reduce_all((size > 0) & (size <= tf.constant(canvas[:2]))),
+        [f"{PADDED_SIZE_KEY} (h, w) must be positive and at most the canvas {tuple(canvas[:2])}; "
+         "got", size])
+    with tf.control_dependencies([check]):
+      example["image"] = example["image"][:size[0], :size[1]]
+    return example
+
+  def size_key(example):  # (h, w) -> one int64
+    shape = tf.shape(example["image"], out_type=tf.int64)
+    return shape[0] * (canvas[1] + 1) + shape[1]
+
+  def fill(rows):
+    missing = batch - tf.shape(rows["_mask"])[0]
+    return {k: tf.ensure_shape(
+        tf.pad(v, [[0, missing]] + [[0, 0]] * (v.shape.rank - 1)), [batch, *v.shape[1:]])
+            for k, v in rows.items()}
+
+  ds = ds.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.group_by_window(size_key, lambda key, window: window.batch(batch), window_size=batch)
+  return ds.map(fill, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def batch_spec(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict], *,

@@ -8,16 +8,20 @@ normalise, and pad images and boxes to fixed sizes for batching.
   flip_lr_boxes(p=0.5)                           random ('_seed'): mirror image and boxes
   to_bgr255_normalize(mean=(103.53, 116.28, 123.675), std=(57.375, 57.12, 58.395))
                                                  RGB -> BGR on the 0..255 scale, (x - mean) / std
-  pad_image(height, width)                       zeros at the bottom/right up to a fixed canvas;
-                                                 sets 'image_size' (the size before padding)
+  pad_image(height, width, size_divisible=0)     zeros at the bottom/right up to a fixed canvas;
+                                                 sets 'image_size' (the size before padding);
+                                                 size_divisible=32: evaluated at the multiple of
+                                                 32 of the image's own size (GLIP's padding)
   pad_boxes(max_boxes, drop_extra=False)         boxes/box_labels/positive_map padded to M rows
                                                  with zeros, plus 'box_mask' bool (M,)
 
 A GLIP recipe reads, for a 128x128 demo:
   train: resize_glip(128, 128)|flip_lr_boxes|to_bgr255_normalize|pad_image(128, 128)|pad_boxes(8)
   eval:  resize_glip(128, 128)|to_bgr255_normalize|pad_image(128, 128)|pad_boxes(8, True)
-and for COCO at GLIP's test size resize_glip(800, 1333)|...|pad_image(1344, 1344)|pad_boxes(M).
-Flip before padding (it mirrors about the image's current width).
+and for COCO at GLIP's test size resize_glip(800, 1333)|...|pad_image(1344, 1344)|pad_boxes(M)
+(train) and resize_glip(800, 1333)|...|pad_image(1344, 1344, size_divisible=32)|pad_boxes(M, True)
+(eval: an 800 x 1066 image is evaluated at 800 x 1088). Flip before padding (it mirrors about the
+image's current width).
 
 Follows microsoft/GLIP `maskrcnn_benchmark/data/transforms/transforms.py` (`Resize.get_size`,
 `RandomHorizontalFlip`, `ToTensor` + `Normalize(format='bgr255')`), `transforms/build.py` (their
@@ -30,8 +34,14 @@ Deliberate deviations:
     PIL's bilinear filter widens its support when downsampling; PIL then rounds to uint8 and GLIP
     normalises those integers, while the floats are kept here.
   * GLIP pads each batch to its largest image rounded up to a multiple of 32
-    (`DATALOADER.SIZE_DIVISIBILITY`); here every image is padded to one fixed canvas (static
-    shapes for jit). The zeros are added after normalisation, as in GLIP.
+    (`DATALOADER.SIZE_DIVISIBILITY`, `structures/image_list.py` `to_image_list`), and its fusion
+    attends to the padded area. Here every image is padded to one fixed canvas (static shapes for
+    jit). With `size_divisible=32` evaluation follows GLIP exactly: each image is cut back to the
+    multiple of 32 of its own size and batched only with images of that padded size (one compiled
+    shape per padded size), which is GLIP's padding at its TEST.IMS_PER_BATCH 1 and at any eval
+    batch size. Training stays on the canvas (one compiled train step; GLIP's own per-GPU
+    training batches are padded to their largest image, a shape that changes every step). The
+    zeros are added after normalisation, as in GLIP.
   * GLIP keeps every box of an image (its batches are lists); here an example carries at most
     M = max_boxes. More boxes than M is an error by default, naming the image id, so targets are
     never cut silently; `drop_extra=True` keeps the first M in the source's order (for eval
@@ -45,12 +55,13 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from input_pipeline import detection, pp_ops
+from input_pipeline import detection, pipeline, pp_ops
 from input_pipeline.pp_registry import register
 
 GLIP_PIXEL_MEAN = (103.53, 116.28, 123.675)  # BGR, 0..255 (GLIP's INPUT.PIXEL_MEAN)
 GLIP_PIXEL_STD = (57.375, 57.12, 58.395)
 GLIP_MULTI_MIN_SIZES = (480, 560, 640, 720, 800)  # AUGMENT.MULT_MIN_SIZE_TRAIN (pre-training)
+GLIP_SIZE_DIVISIBILITY = 32  # DATALOADER.SIZE_DIVISIBILITY
 
 
 def _require(example: dict, keys, op: str) -> None:
@@ -191,12 +202,30 @@ def to_bgr255_normalize(mean: Sequence[float] = GLIP_PIXEL_MEAN,
 
 
 @register("pad_image")
-def pad_image(height: int, width: int):
+def pad_image(height: int, width: int, size_divisible: int = 0):
   """Zero-pads 'image' at the bottom and right to (height, width) (static shape) and records the
   size before padding as 'image_size' int32 (h, w). An image larger than the canvas is an
-  error naming its size. Apply after normalisation (GLIP pads normalised tensors with 0)."""
+  error naming its size. Apply after normalisation (GLIP pads normalised tensors with 0).
+
+  size_divisible=d > 0 (GLIP's `to_image_list(size_divisible=DATALOADER.SIZE_DIVISIBILITY)`,
+  32): also records '_padded_size' int32 (2,) = (h, w) rounded up to multiples of d, the size
+  GLIP pads an image alone in its batch to. The canvas stays the example's static shape (the
+  trainer initialises the model from it; training streams ignore '_padded_size' and train on the
+  canvas), while the evaluation stream (`pipeline.make_eval_dataset`) cuts each image back to
+  its '_padded_size' and batches it only with images of the same padded size. The canvas must be
+  a multiple of d, so that it holds every padded size."""
   height = pp_ops._positive_int(height, "height")  # pylint: disable=protected-access
   width = pp_ops._positive_int(width, "width")  # pylint: disable=protected-access
+  if (not isinstance(size_divisible, int) or isinstance(size_divisible, bool)
+      or size_divisible < 0):
+    raise ValueError(f"size_divisible={size_divisible!r}: expected an int >= 0 (0: the fixed "
+                     "canvas only; GLIP: 32).")
+  if size_divisible and (height % size_divisible or width % size_divisible):
+    raise ValueError(f"pad_image({height}, {width}, size_divisible={size_divisible}): the canvas "
+                     f"must be a multiple of {size_divisible} in both sides to hold every padded "
+                     f"size, e.g. pad_image({-(-height // size_divisible) * size_divisible}, "
+                     f"{-(-width // size_divisible) * size_divisible}, "
+                     f"size_divisible={size_divisible}).")
 
   def op(example):
     _require(example, ("image",), "pad_image")
@@ -211,9 +240,18 @@ def pad_image(height: int, width: int):
     with tf.control_dependencies([check]):
       padded = tf.pad(image, [[0, height - shape[0]], [0, width - shape[1]], [0, 0]])
     padded = tf.ensure_shape(padded, (height, width, image.shape[-1]))
-    return {**example, "image": padded, "image_size": tf.cast(shape[:2], tf.int32)}
+    out = {**example, "image": padded, "image_size": tf.cast(shape[:2], tf.int32)}
+    if size_divisible:
+      out[pipeline.PADDED_SIZE_KEY] = padded_size(out["image_size"], size_divisible)
+    return out
 
   return op
+
+
+def padded_size(image_size: tf.Tensor, size_divisible: int) -> tf.Tensor:
+  """(h, w) int32 rounded up to multiples of `size_divisible` (GLIP's `to_image_list`:
+  ceil(size / d) * d)."""
+  return (image_size + size_divisible - 1) // size_divisible * size_divisible
 
 
 @register("pad_boxes")
@@ -259,5 +297,5 @@ def pad_boxes(max_boxes: int, drop_extra: bool = False):
   return op
 
 
-__all__ = ["glip_output_size", "flip_boxes_lr", "resize_glip", "resize_glip_multi",
+__all__ = ["glip_output_size", "flip_boxes_lr", "padded_size", "resize_glip", "resize_glip_multi",
            "flip_lr_boxes", "to_bgr255_normalize", "pad_image", "pad_boxes"]

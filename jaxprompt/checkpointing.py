@@ -125,9 +125,12 @@ BEST_DIR, BEST_RECORD = "best_checkpoint", "best.json"  # in the workdir
 class BestCheckpoint:
   """The checkpoint with the best value of one evaluation metric (`config.keep_best`), kept in
   `<workdir>/best_checkpoint` beside the latest ones, with `<workdir>/best.json` = {'metric',
-  'mode', 'step', 'value'} so that a resumed run keeps comparing against the same best. This is
-  the FGVC protocol of VPT and SA2VP (select the epoch on val, report test there) and LMPT's
-  best-mAP report."""
+  'mode', 'step', 'value', 'bad_evals'} so that a resumed run keeps comparing against the same
+  best. This is the FGVC protocol of VPT and SA2VP (select the epoch on val, report test there)
+  and LMPT's best-mAP report. `bad_evals` counts the evaluations in a row whose value was worse
+  than the best (a tie resets it, as GLIP's AUTO_TERMINATE_PATIENCE counter,
+  microsoft/GLIP `maskrcnn_benchmark/engine/trainer.py`); `config.early_stop_patience` stops on
+  it."""
 
   def __init__(self, workdir: str, metric: str, mode: str):
     if mode not in ("max", "min"):
@@ -150,12 +153,20 @@ class BestCheckpoint:
     value = float(metrics[self.metric])
     if self.best is not None and not (value > self.best["value"] if self.mode == "max"
                                       else value < self.best["value"]):
+      self.best["bad_evals"] = 0 if value == self.best["value"] else self.bad_evals + 1
+      writers.write_json_atomic(self._record, self.best)
       return False
     self._checkpointer.save(step, state)
     self._checkpointer.wait()
-    self.best = {"metric": self.metric, "mode": self.mode, "step": step, "value": value}
+    self.best = {"metric": self.metric, "mode": self.mode, "step": step, "value": value,
+                 "bad_evals": 0}
     writers.write_json_atomic(self._record, self.best)
     return True
+
+  @property
+  def bad_evals(self) -> int:
+    """Evaluations in a row since the last one at least as good as the best (0 before any)."""
+    return (self.best or {}).get("bad_evals", 0)
 
   def restore(self, like):
     return self._checkpointer.restore(self.best["step"], like)

@@ -108,6 +108,15 @@ def check_spine(config) -> None:
              "('<evaluator>/<metric>', 'max' or 'min'), e.g. ('val/accuracy', 'max')")
     _require(keep_best[0].split("/")[0] in evals, "keep_best", keep_best,
              f"a metric of one of the evaluators {sorted(evals)} ('<evaluator>/<metric>')")
+  _int_at_least(config, "early_stop_patience", 0, default=0)
+  variants = config.get("variants") or ()
+  _require(isinstance(variants, (tuple, list)) and all(
+      isinstance(v, str) and v and all("=" in item or item.isidentifier()
+                                       for item in v.split(",")) for v in variants),
+           "variants", variants, "a tuple of config arguments, e.g. ('mask=release', 'mask=full')")
+  _require(not config.get("early_stop_patience") or bool(keep_best), "early_stop_patience",
+           config.get("early_stop_patience"), "0 without keep_best (it counts evaluations that do "
+           "not improve the keep_best metric)")
   at_best = tuple(config.get("eval_at_best") or ())
   _require(not at_best or bool(keep_best), "eval_at_best", at_best, "() without keep_best")
   _require(all(name in evals for name in at_best), "eval_at_best", at_best,
@@ -122,6 +131,12 @@ def check_spine(config) -> None:
   _int_at_least(config, "optim.grad_accum_steps", 1, default=1)
   _require(optim.get("decay", "cosine") in ("cosine", "multistep"), "optim.decay",
            optim.get("decay"), "'cosine' or 'multistep'")
+  wd_ratio = optim.get("weight_decay_schedule_ratio", 0.0)
+  _require(isinstance(wd_ratio, (int, float)) and not isinstance(wd_ratio, bool)
+           and 0.0 <= wd_ratio <= 1.0, "optim.weight_decay_schedule_ratio", wd_ratio,
+           "a number in [0, 1] (0: a constant weight decay; GLIP: 0.667)")
+  _require(not wd_ratio or optim.get("decay") == "multistep", "optim.weight_decay_schedule_ratio",
+           wd_ratio, "0 unless optim.decay='multistep' (it follows the lr milestones)")
   ema = optim.get("ema_decay", 0.0)
   _require(isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0.0 <= ema < 1.0,
            "optim.ema_decay", ema, "a number in [0, 1) (0: no moving average; GLIP: 0.999)")

@@ -2,7 +2,8 @@
 
 `--config.key=value` overrides any config entry; an unknown key is a one-line error, except under
 `dataset_kwargs`, whose keys are the data source's own (`--config.dataset_kwargs.root=DIR`).
-`--config.mode=eval` only evaluates the latest checkpoint in the workdir (or `config.model_init`).
+A config with `variants` (e.g. the SDPT demos: SDPT and two baselines) runs once per variant and
+prints their metrics side by side (`jaxprompt/variants.py`). `--config.mode=eval` only evaluates the latest checkpoint in the workdir (or `config.model_init`).
 On a multi-host TPU pod pass `--jax_distributed` (or set JAXPROMPT_DISTRIBUTED=1) so every host
 joins one JAX runtime.
 
@@ -65,7 +66,7 @@ def main(argv):
   import jax  # after flag parsing, so that XLA_FLAGS and friends are already in place
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from jaxprompt import checkpointing, config_checks, run_record, train
+  from jaxprompt import checkpointing, config_checks, run_record, train, variants
   config_argument = flags.FLAGS["config"].config_filename
   config = _CONFIG.value
   try:
@@ -74,7 +75,10 @@ def main(argv):
     config.lock()
     workdir = _WORKDIR.value or default_workdir(config_argument)
     train.log(f"workdir: {os.path.abspath(workdir)}")
-    train.train_and_evaluate(config, workdir)
+    if config.get("variants"):
+      variants.run(config_argument, config, workdir, file_config)
+    else:
+      train.train_and_evaluate(config, workdir)
   except (config_checks.ConfigError, run_record.RunMismatchError,
           checkpointing.ResumeError) as e:
     sys.exit(f"jaxprompt: {e}")  # the message says it all; no traceback

@@ -86,7 +86,7 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
         or list(fractions) != sorted(fractions):
       raise ValueError(f"optim.milestones={milestones!r}: expected increasing fractions of the "
                        "training steps in (0, 1), e.g. (0.67, 0.89) as GLIP.")
-    boundaries = jnp.asarray([int(f * total_steps) for f in fractions])
+    boundaries = jnp.asarray(milestone_steps(fractions, total_steps))
 
     def multistep(count):
       steps_passed = jnp.sum(count >= boundaries)
@@ -110,6 +110,31 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
   cosine = optax.cosine_decay_schedule(lr, total_steps - warmup_steps,
                                        alpha=min_lr / lr if lr else 0.0)
   return optax.join_schedules([optax.constant_schedule(warmup_init), cosine], [warmup_steps])
+
+
+def milestone_steps(fractions, total_steps: int) -> list[int]:
+  """The steps at which 'multistep' lowers the lr: each fraction of `total_steps`, rounded as
+  maskrcnn_benchmark's `make_lr_scheduler` rounds SOLVER.STEPS (microsoft/GLIP
+  `maskrcnn_benchmark/solver/build.py`)."""
+  return [round(f * total_steps) for f in fractions]
+
+
+def weight_decay_schedule(optim, weight_decay: float, *, total_steps: int):
+  """`weight_decay`, or with optim.weight_decay_schedule_ratio = r > 0 GLIP's
+  SOLVER.WEIGHT_DECAY_SCHEDULE: the decay times optim.decay_factor for every lr milestone m
+  (in updates) with count >= r * m, i.e. it drops ahead of the lr (GLIP's ratio 0.667; microsoft/
+  GLIP `maskrcnn_benchmark/engine/trainer.py`, which multiplies every group's weight_decay by the
+  scheduler's gamma after the step that reaches the threshold). `total_steps` counts updates."""
+  ratio = optim.get("weight_decay_schedule_ratio", 0.0)
+  if not ratio or not weight_decay:
+    return weight_decay
+  if optim.get("decay", "cosine") != "multistep":
+    raise ValueError(f"optim.weight_decay_schedule_ratio={ratio} follows the milestones of "
+                     f"optim.decay='multistep'; got optim.decay={optim.get('decay')!r}.")
+  thresholds = jnp.asarray([ratio * m for m in milestone_steps(
+      tuple(optim.get("milestones", ()) or ()), total_steps)] or [jnp.inf])
+  factor = optim.get("decay_factor", 0.1)
+  return lambda count: weight_decay * factor ** jnp.sum(count >= thresholds)
 
 
 def make_epoch_schedule(*, lr: float, num_epochs: float, warmup_epochs: int,
@@ -362,7 +387,7 @@ def plateau_step(opt_state, metrics: dict, optim):
       opt_state, **{k: jax.device_put(v, old[k].sharding) for k, v in new.items()})
 
 
-def _group_transform(optim, learning_rate, weight_decay: float, decay_mask):
+def _group_transform(optim, learning_rate, weight_decay, decay_mask):
   """One group's SGD or AdamW (as torch's, with that group's lr and weight decay)."""
   if optim.name == "sgd":
     # PyTorch SGD's coupled L2: wd * p is added to the gradient before momentum (as VPT trains).
@@ -408,6 +433,7 @@ def make_optimizer(optim, params, *, total_steps: int, warmup_steps: int,
     mult = group["lr_mult"]
     learning_rate = schedule if mult == 1.0 else (lambda count, m=mult: m * schedule(count))
     weight_decay = optim.weight_decay if group["weight_decay"] is None else group["weight_decay"]
+    weight_decay = weight_decay_schedule(optim, weight_decay, total_steps=total_steps // accum)
     group_txs[name] = _group_transform(optim, learning_rate, weight_decay, decay_mask)
   parts = []
   if optim.get("grad_clip_norm", 0.0):

@@ -15,7 +15,10 @@ collections, the optimizer state and the step. `config.keep_best = (metric, 'max
 also keeps the best checkpoint by an evaluation metric and reports 'best/step' and
 'best/<metric>' beside the last step's metrics; `config.eval_at_best` names evaluators rerun with
 the best params at the end ('at_best/<name>/<metric>': VPT's and SA2VP's FGVC protocol).
-`optim.plateau` (optim.py) lowers the lr when an evaluation metric stops improving.
+`optim.plateau` (optim.py) lowers the lr when an evaluation metric stops improving, and
+`config.early_stop_patience` ends training after that many evaluations in a row without a better
+keep_best metric (GLIP's AUTO_TERMINATE_PATIENCE); the final metrics are then those of the step it
+stopped at.
 """
 from __future__ import annotations
 
@@ -281,9 +284,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               f"config.model_init; found neither.")
     writer = writers.create_writer(workdir)
     final = {"step": start_step}
-    if config.mode == "train" and start_step < total_steps:
-      state, train_metrics = _train_loop(exp, state, start_step, ckpt, best, writer)
-      final.update(train_metrics, step=total_steps)  # already written by the loop
+    patience = config.get("early_stop_patience", 0)
+    stopped_early = bool(patience) and best is not None and best.bad_evals >= patience
+    if stopped_early:
+      log(f"not training: the run stopped early before ({best.bad_evals} evaluations without a "
+          f"better {best.metric}, early_stop_patience={patience})")
+    if config.mode == "train" and start_step < total_steps and not stopped_early:
+      state, train_metrics, last_step = _train_loop(exp, state, start_step, ckpt, best, writer)
+      final.update(train_metrics, step=last_step)  # already written by the loop
     evals = evaluators.run_all(exp.evaluators, exp.evaluated(state))
     if best is not None:
       best.update(final["step"], evals, exp.checkpointed(state))
@@ -300,16 +308,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
       best.close()
   writer.write_scalars(final["step"], evals)
   writer.flush()
-  for key in sorted(final):
-    if key.endswith(("/accuracy", "mAP", "R@1", "/AP")):
-      log(f"{key}: {final[key]:.4f}")
+  for key, value in headline_metrics(final).items():
+    log(f"{key}: {value:.4f}")
   if jax.process_index() == 0:
     writers.write_json_atomic(os.path.join(workdir, "metrics.json"), final)
   return final
 
 
+def headline_metrics(final: dict) -> dict[str, float]:
+  """The evaluation metrics a run's summary prints: accuracies, mAP, R@1 and box AP, by name."""
+  return {key: final[key] for key in sorted(final)
+          if key.endswith(("/accuracy", "mAP", "R@1", "/AP")) and not key.startswith("train/")}
+
+
 def _train_loop(exp: Experiment, state, start_step: int, ckpt, best, writer):
-  """Steps from `start_step` to the end with periodic logging, evals and checkpoints."""
+  """Steps from `start_step` to the end (or an early stop) with periodic logging, evals and
+  checkpoints; returns the state, the last logged train metrics and the last step."""
   config, total_steps = exp.config, exp.total_steps
   batches = pipeline.make_train_dataset(
       exp.data.source, config.train_split, exp.data.train_pp, global_batch_size=config.batch_size,
@@ -317,30 +331,38 @@ def _train_loop(exp: Experiment, state, start_step: int, ckpt, best, writer):
       process_count=jax.process_count()).as_numpy_iterator()
   progress = writers.Progress(total_steps, start_step)
   accum = config.optim.get("grad_accum_steps", 1)
+  patience = config.get("early_stop_patience", 0)
   window, means = [], {}
+
+  def check_and_log(step: int) -> dict:
+    """The train metrics since the last call, logged; a non-finite loss or param stops the run
+    here, so every checkpoint is checked finite before it is saved."""
+    stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
+    window.clear()
+    if not stacked.pop("finite").all():
+      ckpt.wait()
+      kept = ckpt.latest_step()
+      raise FloatingPointError(
+          f"non-finite loss or params by step {step} (losses since the last check: "
+          f"{stacked['loss'].tolist()}); stopped. " +
+          (f"The last finite checkpoint is step {kept}, in {ckpt.directory} (every checkpoint "
+           "is checked finite before it is saved)." if kept else
+           "No checkpoint was saved (every checkpoint is checked finite before it is saved)."))
+    metrics = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()}
+    metrics["train/lr"] = float(exp.schedule((step - 1) // accum)) * optim.lr_factor(
+        state["opt_state"])
+    writer.write_scalars(step, metrics)
+    log(progress.line(step, metrics))
+    return metrics
+
+  step = start_step
   for step in range(start_step + 1, total_steps + 1):
     state, metrics = exp.train_step(state, sharding.global_batch(next(batches), exp.mesh))
     window.append(metrics)
     last = step == total_steps
     save = step % config.checkpoint_every_steps == 0 or last
     if step % config.log_every_steps == 0 or save:
-      # Also before every checkpoint: a NaN loss stops the run before it can be saved.
-      stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
-      window = []
-      if not stacked.pop("finite").all():
-        ckpt.wait()
-        kept = ckpt.latest_step()
-        raise FloatingPointError(
-            f"non-finite loss or params by step {step} (losses since the last check: "
-            f"{stacked['loss'].tolist()}); stopped. " +
-            (f"The last finite checkpoint is step {kept}, in {ckpt.directory} (every checkpoint "
-             "is checked finite before it is saved)." if kept else
-             "No checkpoint was saved (every checkpoint is checked finite before it is saved)."))
-      means = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()}
-      means["train/lr"] = float(exp.schedule((step - 1) // accum)) * optim.lr_factor(
-          state["opt_state"])
-      writer.write_scalars(step, means)
-      log(progress.line(step, means))
+      means = check_and_log(step)
     evals = {} if last else evaluators.run_all(exp.evaluators, exp.evaluated(state), step=step,
                                                steps_per_epoch=exp.steps_per_epoch)
     if evals:
@@ -349,6 +371,14 @@ def _train_loop(exp: Experiment, state, start_step: int, ckpt, best, writer):
         best.update(step, evals, exp.checkpointed(state))
       if optim.plateau_settings(config.optim):
         state = {**state, "opt_state": optim.plateau_step(state["opt_state"], evals, config.optim)}
-    if save:
+    stop = bool(evals) and bool(patience) and best.bad_evals >= patience
+    if stop:
+      log(f"stopping early at step {step}: {best.bad_evals} evaluations without a better "
+          f"{best.metric} (best {best.best['value']:.4f} at step {best.best['step']})")
+      if window:
+        means = check_and_log(step)
+    if save or stop:
       ckpt.save(step, exp.checkpointed(state))
-  return state, means
+    if stop:
+      break
+  return state, means, step

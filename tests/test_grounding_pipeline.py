@@ -118,11 +118,41 @@ def test_coco_prompt_spans_with_whole_word_vocab(vocab):
   np.testing.assert_array_equal(g.text_mask, mask[0])
 
 
-@pytest.mark.skipif(not os.path.isfile(os.environ.get("BERT_VOCAB_PATH", "")),
-                    reason="needs bert-base-uncased's vocab.txt in BERT_VOCAB_PATH (not available "
-                           "offline)")
+# bert-base-uncased's vocab.txt: BERT_VOCAB_PATH, or a copy beside the checkout (optional data;
+# the project does not require it).
+BERT_VOCAB = os.environ.get("BERT_VOCAB_PATH", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+    "data", "bert", "vocab.txt"))
+
+
+@pytest.mark.skipif(not os.path.isfile(BERT_VOCAB),
+                    reason=f"bert-base-uncased's vocab.txt not found at {BERT_VOCAB} (set "
+                           "BERT_VOCAB_PATH); the project does not require it")
 def test_coco_prompt_with_bert_base_uncased_vocab():
-  g = grounding.make_grounding(COCO_NAMES, os.environ["BERT_VOCAB_PATH"])
+  """GLIP's positive map of the 80-name COCO prompt with the real bert-base-uncased vocabulary,
+  computed here as GLIP does (`create_queries_and_maps` + `create_positive_map`: each name's
+  character span mapped by the fast tokenizer's char_to_token, with its +1/+2 and -2/-3
+  fallbacks) and compared row by row."""
+  from tokenizers import BertWordPieceTokenizer  # pylint: disable=import-outside-toplevel
+  vocab = BERT_VOCAB
+  g = grounding.make_grounding(COCO_NAMES, vocab)
+  caption, char_spans = "", []
+  for i, name in enumerate(COCO_NAMES):
+    char_spans.append((len(caption), len(caption) + len(name)))
+    caption += name + (". " if i < len(COCO_NAMES) - 1 else "")
+  assert g.caption == caption
+  tokenizer = BertWordPieceTokenizer(vocab, lowercase=True)  # built apart from ours
+  tokenizer.enable_padding(length=256)
+  encoded = tokenizer.encode(caption)
+  expected = np.zeros((80, 256), np.float32)
+  for row, (begin, end) in enumerate(char_spans):
+    first = next((encoded.char_to_token(c) for c in (begin, begin + 1, begin + 2)
+                  if encoded.char_to_token(c) is not None), None)
+    last = next((encoded.char_to_token(c) for c in (end - 1, end - 2, end - 3)
+                 if encoded.char_to_token(c) is not None), None)
+    expected[row, first:last + 1] = 1
+  np.testing.assert_array_equal(g.class_token_map, expected)
+  np.testing.assert_array_equal(g.text_ids, encoded.ids)
   spans = g.token_spans()
   assert g.num_tokens == 194
   assert spans[1] == (1, 1) and spans[2] == (3, 3) and spans[80] == (191, 192)

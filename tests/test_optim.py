@@ -99,6 +99,32 @@ def test_multistep_is_glips_warmup_multistep_lr():
   np.testing.assert_allclose([float(constant(s)) for s in (0, 9)], [1.0, 1.0])
 
 
+def test_weight_decay_schedule_is_glips():
+  """SOLVER.WEIGHT_DECAY_SCHEDULE: the weight decay x0.1 once the update count reaches 0.667 of
+  each lr milestone (GLIP-L's yaml, 2000 iterations: milestones 1340 and 1780, so updates from
+  894 and from 1188 on); AdamW applies it as torch does, p <- p (1 - lr wd) on a zero gradient."""
+  config = common.optimizer("adamw", lr=1e-5, weight_decay=0.01, decay="multistep",
+                            milestones=(0.67, 0.89), weight_decay_schedule_ratio=0.667)
+  wd = optim.weight_decay_schedule(config, 0.01, total_steps=2000)
+  np.testing.assert_allclose([float(wd(c)) for c in (0, 893, 894, 1187, 1188, 1999)],
+                             [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-6)
+  assert optim.weight_decay_schedule(config, 0.0, total_steps=2000) == 0.0  # bias group
+  config = common.optimizer("adamw", lr=0.5, weight_decay=0.2, decay="multistep",
+                            milestones=(0.5,), weight_decay_schedule_ratio=0.6)
+  params = {"w": jnp.ones(())}
+  tx, _ = optim.make_optimizer(config, params, total_steps=10, warmup_steps=0)
+  state, p, expected = tx.init(params), params, 1.0
+  for count in range(10):  # lr 0.5 then 0.05 from update 5; wd 0.2 then 0.02 from update 3
+    updates, state = tx.update({"w": jnp.zeros(())}, state, p)
+    p = optax.apply_updates(p, updates)
+    expected *= 1 - (0.5 if count < 5 else 0.05) * (0.2 if count < 3 else 0.02)
+    np.testing.assert_allclose(float(p["w"]), expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="weight_decay_schedule_ratio"):
+    optim.weight_decay_schedule(common.optimizer("adamw", lr=1.0, weight_decay=0.1,
+                                                 weight_decay_schedule_ratio=0.5), 0.1,
+                                total_steps=10)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_gradient_accumulation_equals_one_step_on_the_mean_gradient(name):
   """k micro-batches with grad_accum_steps=k == one step on the mean of their gradients."""

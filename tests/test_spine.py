@@ -128,6 +128,34 @@ def test_keep_best_reports_best_and_last_and_reevaluates_at_the_best_step(tmp_pa
   assert "test/accuracy" in final and "at_best/test/accuracy" in final
 
 
+def test_early_stop_patience_ends_training_like_glips_auto_terminate(tmp_path, monkeypatch):
+  """GLIP's AUTO_TERMINATE_PATIENCE: a tie resets the count, a worse value adds one; at the
+  patience the run stops, saves that step and reports its metrics; a rerun does not train on."""
+  scripted = iter([0.5, 0.4, 0.5, 0.3, 0.2, 0.9])  # evaluations at steps 2, 4, 6, 8, 10, (12)
+  real_run_all = train.evaluators.run_all
+
+  def run_all(evaluators_, variables, *, step=None, steps_per_epoch=1):
+    metrics = real_run_all(evaluators_, variables, step=step, steps_per_epoch=steps_per_epoch)
+    if "val/accuracy" in metrics and step is not None:
+      metrics["val/accuracy"] = next(scripted)
+    return metrics
+
+  monkeypatch.setattr(train.evaluators, "run_all", run_all)
+  config = tiny_config(total_steps=12, checkpoint_every_steps=100, early_stop_patience=2,
+                       keep_best=("val/accuracy", "max"))
+  config.evals = common.evals("test")
+  config.evals.val = dict(type="classification", split="val", every_steps=2)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 10  # 0.5 best; 0.4 (1); 0.5 tie (0); 0.3 (1); 0.2 (2): stop
+  assert final["best/step"] == 2 and final["best/val/accuracy"] == 0.5
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10"]
+  again = train.train_and_evaluate(config, str(tmp_path))  # resumes at 10 and stays stopped
+  assert again["step"] == 10
+  with pytest.raises(ValueError, match="early_stop_patience"):
+    from jaxprompt import config_checks  # pylint: disable=import-outside-toplevel
+    config_checks.check_spine(tiny_config(early_stop_patience=3))
+
+
 def test_keep_best_must_name_a_reported_metric():
   config = tiny_config(keep_best=("test/mAP", "max"))
   with pytest.raises(ValueError, match=r"evaluator 'test' reports \['accuracy', 'loss', "

@@ -42,6 +42,16 @@ Boxes in this path are [x, y, x2 - x1, y2 - y1] (the original's `lvis_eval.conve
 matplotlib, and its last release (0.5.3) uses `np.float`, gone since NumPy 1.24, so the evaluator
 defines `np.float = float` for the duration of the LVIS computation when NumPy lacks it.
 
+Image shapes: batches may differ in image shape. With GLIP's padding
+(`pad_image(H, W, size_divisible=32)` in the eval pp spec; microsoft/GLIP
+`structures/image_list.py` `to_image_list`) the input pipeline cuts every image to the multiple of
+32 of its own size and batches only images of one padded size (`input_pipeline/pipeline.py`), so
+each image is run exactly as GLIP runs it alone (its zero-shot TEST.IMS_PER_BATCH 1). The jitted
+step compiles once per distinct shape (logged per pass) and keeps them for later passes;
+'image_size' (the resized size before padding) bounds the boxes as before. Bucketing needs a
+single process; with several, the evaluator refuses such a `config.pp.eval` when it is built,
+before training.
+
 Processes: the detections come back replicated from the jitted step (every process sees every
 image), process 0 runs COCOeval/LVISEval and the metrics are broadcast, so every process returns
 the same numbers. pycocotools' printing is captured (logged at debug level).
@@ -295,6 +305,8 @@ class DetectionEvaluator(common.Evaluator):
       raise ValueError(f"{where}: category ids {unknown[:10]} of the source's labels are not "
                        "categories of its ground truth.")
     self._prompts = self._make_prompts(source)
+    if jax.process_count() > 1:
+      self._check_eval_stream()
     detect = ctx.predict_fns["detect"]
 
     def step(variables, batch, class_token_map, text_ids, text_mask):
@@ -315,6 +327,18 @@ class DetectionEvaluator(common.Evaluator):
               **{k: batch[k].astype(jnp.int32) for k in ("image_id", "image_size", "orig_size")}}
 
     self._step = self.jit(step, key="step")
+
+  def _check_eval_stream(self) -> None:
+    """With several processes, refuses before training an eval pp spec (`config.pp.eval`) whose
+    batches are bucketed by image size (`pipeline.check_eval_buckets`), which the eval stream
+    would otherwise refuse at the first evaluation."""
+    spec = (self.ctx.config.get("pp") or {}).get("eval")
+    if not isinstance(spec, str):
+      return
+    # Imported here: the input pipeline pulls in TensorFlow, which the evaluators do not need.
+    from input_pipeline import pipeline, preprocess  # pylint: disable=import-outside-toplevel
+    pipeline.check_eval_buckets(self.ctx.source, self.split, preprocess.make_preprocess_fn(spec),
+                                process_count=jax.process_count())
 
   def _make_prompts(self, source) -> list[tuple[object, np.ndarray, object, object]]:
     """[(the prompt's labels (None: all), class_token_map (C, T), text_ids (T,) or None,
@@ -345,11 +369,12 @@ class DetectionEvaluator(common.Evaluator):
     """(every valid detection of the split over all chunks: 'image_id', 'boxes' (n, 4) xyxy
     resized frame, 'scores', 'labels' (global), 'image_size', 'orig_size'; the split's image ids
     in batch order)."""
-    parts, image_ids, first = [], [], True
+    parts, image_ids, first, shapes = [], [], True, set()
     for batch in self.ctx.batches(self.split):
       if first:
         common.check_batch(self, batch, *BATCH_KEYS, "_mask")
         first = False
+      shapes.add(tuple(batch["image"].shape[1:]))
       for index, (labels, class_token_map, text_ids, text_mask) in enumerate(self._prompts):
         out = jax.device_get(self._step(variables, batch, class_token_map, text_ids, text_mask))
         meta = {k: np.asarray(out[k]) for k in ("image_id", "image_size", "orig_size")}
@@ -366,6 +391,8 @@ class DetectionEvaluator(common.Evaluator):
                       "labels": np.asarray(out["labels"])[rows, cols]})
     if first:
       raise ValueError(f"Split {self.split!r} of evaluator {self.name!r} gave no batches.")
+    _log.info("evaluator %r: split %r in %d image shape(s) %s", self.name, self.split,
+              len(shapes), sorted(shapes)[:8])
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return merged, np.concatenate(image_ids)
 

@@ -15,7 +15,8 @@ with the release's recipe.
 Arguments: data (COCO folder: annotations/instances_{train,val}2017.json, train2017/, val2017/;
 default: the demo), size (L as the release, or T), mask (SDPT's release or paper; the baselines in
 the same detector and recipe: full, linear_probe, bitfit, language_prompt; default release, and
-in the demo without it the side-by-side runs `DEMO_VARIANTS`), tokens (700), runlocal.
+in the demo without it the side-by-side runs `DEMO_VARIANTS`), tokens (0: the method's default,
+700 prototypes per fusion layer for SDPT, 100 Swin prompts for VPT), runlocal.
 
 Which set trains (`sdpt.TRAINABLE_SETS`): mask=release is what the README command trains
 (`froze_fuse 1`, `FROZEE_SWINT`, `FROZEE_BERT`): the prototypes and the whole DyHead outside the
@@ -40,7 +41,8 @@ read here, so no target AP is stated.
 import ml_collections
 
 from configs import common, glip_coco
-from jaxprompt.prompts import glip_finetune, glip_prompt_tuning, sdpt
+from jaxprompt.prompts import (glip_finetune, glip_lora, glip_maple, glip_prompt_tuning, glip_upt,
+                               glip_vpt, sdpt)
 
 DEMO_VARIANTS = ("mask=release", "mask=full", "mask=language_prompt")
 WEIGHT_DECAY_SCHEDULE_RATIO = 0.667  # SOLVER.WEIGHT_DECAY_SCHEDULE(_RATIO) of glip_Swin_L.yaml
@@ -52,7 +54,16 @@ MASKS = {
     "linear_probe": ("prompts.glip_finetune", glip_finetune.LINEAR_PROBE),
     "bitfit": ("prompts.glip_finetune", glip_finetune.BITFIT),
     "language_prompt": ("prompts.glip_prompt_tuning", glip_prompt_tuning.TRAINABLE_PARAMS),
+    "vpt": ("prompts.glip_vpt", glip_vpt.PROMPTS),
+    "lora": ("prompts.glip_lora", glip_lora.LORA_PARAMS),
+    "lora_release": ("prompts.glip_lora", glip_lora.LORA_RELEASE),
+    "maple": ("prompts.glip_maple", glip_maple.MAPLE),
+    "upt": ("prompts.glip_upt", glip_upt.UPT),
 }
+# Trainable sets without a bias (no 'bias' parameter group: AdamW's bias group would be empty).
+MASKS_WITHOUT_BIASES = ("paper", "language_prompt", "vpt", "lora", "maple")
+# tokens=0: each method's default count (SDPT's prototypes per fusion layer, VPT's prompts).
+DEFAULT_TOKENS = {"release": sdpt.NUM_TOKENS, "paper": sdpt.NUM_TOKENS, "vpt": glip_vpt.NUM_TOKENS}
 
 
 def apply_mask(config, mask: str, *, lr: float, weight_decay: float, tokens: int) -> None:
@@ -63,21 +74,23 @@ def apply_mask(config, mask: str, *, lr: float, weight_decay: float, tokens: int
     raise ValueError(f"mask={mask!r}: expected one of {sorted(MASKS)}.")
   config.model_name, config.trainable_params = MASKS[mask]
   if mask in ("release", "paper"):
-    config.model.num_tokens = tokens
+    config.model.num_tokens = tokens or DEFAULT_TOKENS[mask]
+  if mask == "vpt":
+    config.model.num_prompts = tokens or DEFAULT_TOKENS[mask]
   if mask == "language_prompt":
     lr, weight_decay = 0.05, 0.25
     config.model.update(drop_path_rate=0.0, drop_block_prob=0.0, dropout=0.0, fusion_dropout=0.0)
   schedule = {k: config.optim[k] for k in ("decay", "milestones", "warmup_steps", "warmup_init",
                                             "weight_decay_schedule_ratio")}
   glip_coco.glip_recipe(config, lr=lr, lang_lr=lr, weight_decay=weight_decay,
-                        bias_group=mask not in ("paper", "language_prompt"))  # sets with biases
+                        bias_group=mask not in MASKS_WITHOUT_BIASES)
   config.optim.update(schedule)
   if config.optim.warmup_init:  # GLIP's warm-up starts at 0.001 x the lr
     config.optim.warmup_init = lr * 0.001
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, data="", size="L", mask="", tokens=700, runlocal=False)
+  arg = common.parse_arg(arg, data="", size="L", mask="", tokens=0, runlocal=False)
   demo, mask = not arg.data, arg.mask or "release"
   config = glip_coco.get_config(f"size={arg.size},batch=1" + ("" if demo else f",data={arg.data}"))
   config.unlock()

@@ -17,7 +17,8 @@ and schedule with SDPT's trainable sets; see jaxprompt/prompts/sdpt.py and confi
 
 Arguments: those of configs/glip_odinw.py (data, task, version, shots, seed, suite, size, mode,
 runlocal), plus mask (release, paper, full, linear_probe, bitfit, language_prompt; see
-configs/sdpt_coco.py; default release), tokens (700) and lr (1e-4, GLIP's ODinW fine-tuning lr;
+configs/sdpt_coco.py; default release), tokens (0: the method's default, SDPT's 700
+prototypes per fusion layer, VPT's 100 prompts) and lr (1e-4, GLIP's ODinW fine-tuning lr;
 the SDPT release publishes no ODinW recipe, so this keeps GLIP's). ODinW-13 / ODinW-35 averages are
 the mean of suite=13 / suite=35's runs, one per dataset (`input_pipeline.odinw.ODINW_13`,
 `ODINW_35`), few-shot also one per seed 3/30/300.
@@ -27,7 +28,7 @@ from configs import common, glip_odinw, sdpt_coco
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, data="", task="Aquarium", version=0, shots=0, seed=3, suite="",
-                         size="T", mode="train", mask="", tokens=700, lr=1e-4, runlocal=False)
+                         size="T", mode="train", mask="", tokens=0, lr=1e-4, runlocal=False)
   demo = not arg.data
   config = glip_odinw.get_config(
       ",".join(f"{k}={arg[k]}" for k in ("task", "version", "shots", "seed", "suite", "size",

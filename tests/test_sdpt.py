@@ -18,7 +18,7 @@ import torch_glip_fusion_heads as ref
 from conftest import assert_only_trainable_changed, train_batches
 
 from configs import sdpt_coco, sdpt_odinw
-from jaxprompt import optim, train
+from jaxprompt import method, optim, train
 from jaxprompt.models import common
 from jaxprompt.models.glip import detector, fusion
 from jaxprompt.prompts import glip_finetune, sdpt
@@ -206,10 +206,24 @@ def test_every_mask_of_both_configs_resolves_to_its_method_and_set(mask):
                  sdpt_coco.get_config(f"data=/coco,size=L,mask={mask}")):
     assert (config.model_name, config.trainable_params) == sdpt_coco.MASKS[mask]
     groups = [name for name, _ in config.optim.param_groups]
-    assert ("bias" in groups) == (mask not in ("paper", "language_prompt"))
     assert "language" not in groups  # one lr for every trained set, as the release
     if mask == "language_prompt":
       assert (config.optim.lr, config.optim.weight_decay, config.model.dropout) == (0.05, 0.25, 0)
+  # The set trains something, and AdamW's bias group (lr x2, no decay) exists exactly when the set
+  # has biases (an empty named group is an error of optim.group_labels).
+  config = sdpt_coco.get_config(f"mask={mask}")
+  model = method.load_method(config.model_name).model(num_classes=4, **config.model)
+  x, ids = jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 8), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, ids, ids)["params"]
+  trainable = optim.trainable_subset(params, optim.param_labels(params, config.trainable_params))
+  names = common.flatten(trainable)
+  assert names and ("bias" in dict(config.optim.param_groups)) == any(
+      k.endswith("/bias") for k in names)
+  optim.group_labels(config.optim, trainable)
+  if mask in ("release", "paper", "vpt"):
+    key = "num_prompts" if mask == "vpt" else "num_tokens"
+    real = sdpt_coco.get_config(f"data=/coco,mask={mask}")
+    assert (config.model[key], real.model[key]) == (8, 100 if mask == "vpt" else 700)
   real = sdpt_coco.get_config(f"data=/coco,size=L,mask={mask}")
   assert (real.total_steps, real.batch_size, real.model.frozen_stages) == (2000, 1, 1)
   assert real.optim.warmup_steps == 2000 and tuple(real.optim.milestones) == (0.67, 0.89)

@@ -51,11 +51,12 @@ from jaxprompt.prompts import glip_finetune
 
 PROTOTYPES = r"prototypes_\d+"
 SDPT_PAPER = PROTOTYPES
-SDPT_RELEASE = (PROTOTYPES + r"|head/(?!heads/cls_logits/)(?!dyhead_tower_\d+/b_attn/).*")
+SDPT_RELEASE = PROTOTYPES + "|" + detector.HEAD_OUTSIDE_FUSION
 TRAINABLE_SETS = {"sdpt_paper": SDPT_PAPER, "sdpt_release": SDPT_RELEASE}
 # The non-param collection holding pinv(W_q), pinv(W_k) of each prototype layer: computed once
 # (at init and by the loaders), as the kernels are frozen; frozen like every such collection.
 INVERSES = "sdpt_inverses"
+NUM_TOKENS = 700  # MODEL.PROMPT.NUM_TOKENS of the README command: prototypes per fusion layer
 
 
 def _uniform_plus_minus_one(key, shape, dtype=jnp.float32):
@@ -98,7 +99,7 @@ class Model(detector.Model):
 
   Params: GLIP's tree plus `prototypes_{l}` (K x E) for each l in `cpt_layers` (None: all).
   """
-  num_tokens: int = 700  # MODEL.PROMPT.NUM_TOKENS
+  num_tokens: int = NUM_TOKENS
   cpt_layers: Optional[tuple[int, ...]] = None
   unmask_text_prototypes: bool = False
 

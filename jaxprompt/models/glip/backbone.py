@@ -23,6 +23,11 @@ The parameter tree mirrors GLIP's names under `backbone.` (`convert_backbone`):
   body/patch_embed/{proj,norm}, body/layers_{i}/blocks_{j}/..., body/layers_{i}/downsample/...,
   body/norm{1,2,3}, fpn/fpn_inner{2,3,4}, fpn/fpn_layer{2,3,4}, fpn/top_blocks/{p6,p7}.
 
+Hooks for SDPT's baselines (`prompts/glip_vpt.py`, `glip_maple.py`, `glip_upt.py`): `SwinBody`
+takes VPT prompt tokens (`prompts`, `deep_prompts`, run by the stage class the method passes as
+`prompted_stage`: VPT-Swin's `prompts/vpt_swin.PromptedStage`, every stage in eval mode) and
+`patch_delta`, a vector added to the patch embedding at (0, 0).
+
 Deliberate deviations:
   * When DropBlock happens to drop every position of a map (possible only on tiny maps), the
     original divides by a zero mask sum and returns NaN; here the map becomes zeros.
@@ -127,6 +132,16 @@ def drop_block(x, rng, *, drop_prob: float, block_size: int):
   return x * (keep * scale)[..., None], keep
 
 
+def check_prompted_map(height: int, width: int, num_stages: int = NUM_STAGES) -> None:
+  """VPT's prompted patch merging does not pad: the patch map's sides must halve evenly at every
+  merge (GLIP pads its batches to multiples of 32, which always satisfies this)."""
+  multiple = 2 ** (num_stages - 1)
+  if height % multiple or width % multiple:
+    raise ValueError(f"Swin with VPT prompts: the {height}x{width} patch map does not halve "
+                     f"evenly {num_stages - 1} times; pad images to sides that are multiples of "
+                     f"{4 * multiple} (patch 4), as GLIP's size_divisibility 32 does.")
+
+
 class SwinBody(swin.Model):
   """GLIP's `backbone.body`: the detection Swin trunk returning C2..C5 after the output norms.
 
@@ -140,16 +155,35 @@ class SwinBody(swin.Model):
   frozen_stages: int = -1
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False) -> list:
+  def __call__(self, images, *, train: bool = False, prompts=None,
+               deep_prompts: Optional[Sequence] = None, prompted_stage=None,
+               patch_delta=None) -> list:
+    """`prompts` (B, P, D): VPT prompt tokens put in front of the patch tokens, run through the
+    stages by `prompted_stage` (a `swin.Stage` subclass taking and returning the prompts: the
+    method's, `prompts/vpt_swin.PromptedStage`); `deep_prompts[i]`, if given, maps block j of stage i to
+    the (B, P, D * 2^i) prompts that replace the carried ones before it. With prompts every stage
+    runs in eval mode (VPT's `PromptedSwinTransformer.train`). `patch_delta` (D,) is added to the
+    patch embedding (after its norm) at position (0, 0) of every image (MaPLe's, UPT's vector)."""
     num_stages = len(swin.decode_variant(self.variant)["depths"])
     if num_stages != NUM_STAGES:
       raise ValueError(f"GLIP's backbone needs a {NUM_STAGES}-stage Swin; variant "
                        f"{self.variant!r} has {num_stages}.")
     x = self.make_patch_embed()(images)  # (B, ceil(H/4), ceil(W/4), D)
+    if patch_delta is not None:
+      x = x.at[:, 0, 0].add(patch_delta.astype(x.dtype))
+    if prompts is not None:
+      if prompted_stage is None:
+        raise ValueError("SwinBody: prompts need the prompted_stage class that runs them.")
+      check_prompted_map(*x.shape[1:3], num_stages)
     outputs = []
     for i in range(num_stages):
       frozen = i <= self.frozen_stages - 2
-      x, features = self.make_stage(i)(x, deterministic=frozen or not train)
+      if prompts is None:
+        x, features = self.make_stage(i)(x, deterministic=frozen or not train)
+      else:
+        (x, prompts), (features, _) = self.make_stage(i, prompted_stage)(
+            x, prompts, deep_prompts=None if deep_prompts is None else deep_prompts[i],
+            deterministic=True)
       if i in NORMED_STAGES:
         features = nn.LayerNorm(epsilon=swin.LAYER_NORM_EPS, dtype=self.dtype,
                                 name=f"norm{i}")(features)
@@ -222,14 +256,19 @@ class SwinFPN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False) -> list:
+  def __call__(self, images, *, train: bool = False, prompts=None,
+               deep_prompts: Optional[Sequence] = None, prompted_stage=None,
+               patch_delta=None) -> list:
+    """`prompts`, `deep_prompts`, `prompted_stage`, `patch_delta`: see `SwinBody` (VPT, MaPLe,
+    UPT)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"SwinFPN takes images (B, H, W, 3), got shape {images.shape}.")
     body = SwinBody(variant=self.swin_variant, window_size=self.window_size,
                     patch_size=self.patch_size, mlp_ratio=self.mlp_ratio,
                     drop_path_rate=self.drop_path_rate, dtype=self.dtype,
                     frozen_stages=self.frozen_stages, name="body")
-    stages = body(images, train=train)
+    stages = body(images, train=train, prompts=prompts, deep_prompts=deep_prompts,
+                  prompted_stage=prompted_stage, patch_delta=patch_delta)
     fpn = FPN(self.fpn_channels, self.drop_block_prob, self.drop_block_size, self.dtype,
               name="fpn")
     return fpn(stages[1:], train=train)

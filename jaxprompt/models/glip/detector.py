@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.models import bert
+from jaxprompt.models import bert, swin
 from jaxprompt.models.glip import backbone as backbone_lib
 from jaxprompt.models.glip import dyconv, fusion, heads
 
@@ -58,12 +58,21 @@ SIZES = {
                  fusion_heads=2, gn_groups=8),
 }
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7 (MODEL.RPN.ANCHOR_STRIDE)
+# The head's params outside the fusion (bi-attention) blocks, cls_logits excluded: what SDPT's
+# `froze_fuse 1` leaves trainable in the head (the release's set besides its prototypes).
+HEAD_OUTSIDE_FUSION = r"head/(?!heads/cls_logits/)(?!dyhead_tower_\d+/b_attn/).*"
 
 
 def decode_size(size: str) -> dict:
   if size not in SIZES:
     raise ValueError(f"Unknown GLIP size {size!r}: expected one of {sorted(SIZES)}.")
   return dict(SIZES[size])
+
+
+def swin_trunk(size: str) -> dict:
+  """The Swin trunk of a GLIP size: dict(embed_dim, depths, num_heads) (`swin.decode_variant`)."""
+  return swin.decode_variant(backbone_lib.decode_variant(decode_size(size)["backbone"])[
+      "swin_variant"])
 
 
 def level_shapes(height: int, width: int, patch_size: int = 4) -> tuple[tuple[int, int], ...]:
@@ -136,10 +145,14 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, image, text_ids, text_mask, *, train: bool = False,
                fusion_tokens: Optional[Sequence] = None, fusion_text_visible: bool = False,
-               text_delta=None):
+               text_delta=None, swin_prompts=None, swin_deep_prompts: Optional[Sequence] = None,
+               swin_prompted_stage=None, patch_delta=None):
     """`fusion_tokens`, `fusion_text_visible`: see `VLDyHead` (SDPT); `text_delta` (T', D), if
     given, has its first T rows added to the language backbone's hidden states before the head
-    (GLIP's own prompt tuning, `ADD_LINEAR_LAYER`)."""
+    (GLIP's own prompt tuning, `ADD_LINEAR_LAYER`). `swin_prompts` (B, P, D_swin),
+    `swin_deep_prompts` (per stage: {block: (B, P, D_i)} or None), the stage class that runs them
+    (`swin_prompted_stage`) and `patch_delta` (D_swin,) go to the Swin body (`backbone.SwinBody`:
+    VPT's prompt tokens; MaPLe's / UPT's vector added to patch (0, 0))."""
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f"GLIP takes images (B, H, W, 3); got shape {image.shape}.")
     if text_ids.shape != text_mask.shape or text_ids.shape[0] != image.shape[0]:
@@ -152,7 +165,10 @@ class Model(nn.Module):
     if self.frozen_stages is not None:
       body["frozen_stages"] = self.frozen_stages
     levels = backbone_lib.SwinFPN(**body, drop_block_prob=self.drop_block_prob,
-                                  dtype=self.dtype, name="backbone")(image, train=train)
+                                  dtype=self.dtype, name="backbone")(
+                                      image, train=train, prompts=swin_prompts,
+                                      deep_prompts=swin_deep_prompts,
+                                      prompted_stage=swin_prompted_stage, patch_delta=patch_delta)
     hidden = bert.Model(s["text"], dropout=self.dropout, attention_dropout=self.dropout,
                         dtype=self.dtype, name="language_backbone")(
                             text_ids, text_mask, train=train)["hidden"]

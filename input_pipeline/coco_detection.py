@@ -53,7 +53,11 @@ Sources (`input_pipeline.get_source`):
     relative paths are under data_dir when given), override_category ([{'id', 'name'}] or its
     json string: GLIP's OVERRIDE_CATEGORY).
 All take vocab=<BERT vocab.txt> (required), max_text_len, separator, caption_prompts,
-check_images, skip_bad_images.
+check_images, skip_bad_images, and per_image_captions, max_negatives (85), caption_seed: the
+training splits (`train_splits`) of a class list whose caption overflows max_text_len (LVIS)
+serve GLIP's per-image captions, each image's classes plus sampled negative names
+(`detection.py`, `grounding.CaptionSampler`; GLIP's `SPECIAL_SAFEGUARD_FOR_COCO_GROUNDING` path
+of `CocoGrounding`); per_image_captions=True turns them on for any class list, False off.
 """
 from __future__ import annotations
 
@@ -234,7 +238,9 @@ class CocoJsonSource(detection.DetectionSource):
                override_category=None, caption_prompts: Sequence[dict] | None = None,
                lvis: bool = False, max_text_len: int = grounding.DEFAULT_MAX_LENGTH,
                separator: str = grounding.DEFAULT_SEPARATOR,
-               check_images: bool = True, skip_bad_images: bool = False):
+               check_images: bool = True, skip_bad_images: bool = False,
+               per_image_captions: bool | None = None,
+               max_negatives: int = grounding.DEFAULT_MAX_NEGATIVES, caption_seed: int = 0):
     if not split_files:
       raise ValueError(f"Data source {name!r}: no split files given.")
     if skip_bad_images and not check_images:
@@ -254,7 +260,9 @@ class CocoJsonSource(detection.DetectionSource):
     self.json_class_names = json_names
     names = apply_override(ids, json_names, override_category, path)
     super().__init__(name, names, present, vocab=vocab, max_text_len=max_text_len,
-                     separator=separator, caption_prompts=caption_prompts, category_ids=ids)
+                     separator=separator, caption_prompts=caption_prompts, category_ids=ids,
+                     per_image_captions=per_image_captions, max_negatives=max_negatives,
+                     caption_seed=caption_seed, caption_sampling_splits=self.train_splits)
     self._index: dict[str, SplitIndex] = {}
     self.skipped_images: dict[str, int] = {}  # per loaded split: training images without boxes
     self.dropped_boxes: dict[str, int] = {}  # per loaded split: empty boxes dropped
@@ -321,13 +329,13 @@ class CocoJsonSource(detection.DetectionSource):
     lengths = [len(l) for l in labels]
     flat_boxes = np.concatenate(boxes) if boxes else np.zeros([0, 4], np.float32)
     flat_labels = np.concatenate(labels) if labels else np.zeros([0], np.int32)
-    return tf.data.Dataset.from_tensor_slices({
+    return tf.data.Dataset.from_tensor_slices(self.mark_caption_sampling({
         "image": tf.constant(index.paths[start:end].astype(str), tf.string),
         "boxes": tf.RaggedTensor.from_row_lengths(flat_boxes.reshape(-1, 4), lengths),
         "box_labels": tf.RaggedTensor.from_row_lengths(flat_labels, lengths),
         "orig_size": index.sizes[start:end],
         "image_id": index.image_ids[start:end].astype(np.int32),
-    })
+    }, split, end - start))
 
   def decode_detection(self, example: dict) -> dict:
     image = folder.decode_image_file(example["image"])
@@ -337,9 +345,12 @@ class CocoJsonSource(detection.DetectionSource):
         "has (height, width)", shape, "but its json entry says", example["orig_size"]])
     with tf.control_dependencies([check]):
       image = tf.identity(image)
-    return {"image": image, "boxes": tf.reshape(example["boxes"], [-1, 4]),
-            "box_labels": example["box_labels"], "orig_size": example["orig_size"],
-            "image_id": example["image_id"], "file_name": example["image"]}
+    decoded = {"image": image, "boxes": tf.reshape(example["boxes"], [-1, 4]),
+               "box_labels": example["box_labels"], "orig_size": example["orig_size"],
+               "image_id": example["image_id"], "file_name": example["image"]}
+    if detection.SAMPLE_CAPTION_KEY in example:
+      decoded[detection.SAMPLE_CAPTION_KEY] = example[detection.SAMPLE_CAPTION_KEY]
+    return decoded
 
   def coco_ground_truth(self, split: str) -> dict:
     index = self.split_index(split)

@@ -17,10 +17,21 @@ dataset's category id of each label (`category_ids`), and the grounding caption 
   'image_id'     int32 the dataset's image id (COCO's `images[].id`).
 
 After the box-aware pp ops (`pp_ops_boxes.py`: resize_glip|flip_lr_boxes|to_bgr255_normalize|
-pad_image|pad_boxes) and so in batches: 'image' float32 (S_h, S_w, 3) on a fixed canvas,
-'boxes' (M, 4), 'box_labels' (M,), 'box_mask' bool (M,), 'positive_map' (M, T) with zero padding
-rows, 'image_size' int32 (2,) the resized (h, w) before padding; 'orig_size', 'image_id',
-'text_ids', 'text_mask' unchanged. `batch_keys` declares these.
+pad_image|pad_boxes) and so in batches: 'image' float32 (S_h, S_w, 3) on a fixed canvas (in
+evaluation with pad_image(..., size_divisible=32): the multiple of 32 of the image's own size,
+bucketed by `pipeline.make_eval_dataset`), 'boxes' (M, 4), 'box_labels' (M,), 'box_mask' bool
+(M,), 'positive_map' (M, T) with zero padding rows, 'image_size' int32 (2,) the resized (h, w)
+before padding; 'orig_size', 'image_id', 'text_ids', 'text_mask' unchanged. `batch_keys` declares
+these.
+
+Per-image captions (GLIP's LVIS training path, `grounding.CaptionSampler`): with
+`per_image_captions` (default None: on exactly when the class list's caption overflows
+`max_text_len` and there are no `caption_prompts`), the examples of the splits in
+`caption_sampling_splits` (training splits) carry their own 'text_ids'/'text_mask' (the image's
+classes plus sampled negative names, drawn per (`caption_seed`, image id), `max_negatives` of
+them at most) and 'positive_map' rows of that caption; boxes whose class was cut because the
+image's own classes overflow are dropped, as in GLIP. Subclasses mark those splits' raw examples
+with `mark_caption_sampling`.
 
 Subclasses set the attributes through `DetectionSource.__init__`, implement `num_examples`,
 `raw_dataset`, `decode_detection` (raw example -> the keys above without the text ones; the
@@ -53,6 +64,10 @@ DETECTION_BATCH_KEYS = {
     "orig_size": tf.int32,
     "image_id": tf.int32,
 }
+
+
+# Raw-example key of the splits whose captions are sampled per image (`mark_caption_sampling`).
+SAMPLE_CAPTION_KEY = "_sample_caption"
 
 
 def xywh_to_xyxy(boxes_xywh) -> np.ndarray:
@@ -131,7 +146,10 @@ class DetectionSource(base.DataSource):
                max_text_len: int = grounding_lib.DEFAULT_MAX_LENGTH,
                separator: str = grounding_lib.DEFAULT_SEPARATOR,
                caption_prompts: Sequence[dict] | None = None,
-               category_ids: Sequence[int] | None = None):
+               category_ids: Sequence[int] | None = None,
+               per_image_captions: bool | None = None,
+               max_negatives: int = grounding_lib.DEFAULT_MAX_NEGATIVES, caption_seed: int = 0,
+               caption_sampling_splits: Sequence[str] = ("train",)):
     self.name, self.splits = name, tuple(splits)
     self.class_names = tuple(class_names)
     self.num_classes = len(self.class_names)
@@ -146,10 +164,9 @@ class DetectionSource(base.DataSource):
     self.caption_prompts = None if caption_prompts is None else list(caption_prompts)
     # A class list whose caption overflows max_text_len (LVIS: 1203 names) has no one caption:
     # it is evaluated in chunks (the detection evaluator's chunk_size, GLIP's
-    # TEST.CHUNKED_EVALUATION) and cannot train here (GLIP trains LVIS on per-image captions of
-    # the positive classes plus sampled negatives, not implemented), which `caption_overflow`
-    # records for the method to refuse before training. Its examples carry the first chunk's
-    # caption; the evaluator swaps in each chunk's.
+    # TEST.CHUNKED_EVALUATION) and trains on per-image captions (below); `caption_overflow` says
+    # why, for a method to refuse training without them. Its examples outside the sampled
+    # splits carry the first chunk's caption; the evaluator swaps in each chunk's.
     self.caption_overflow = None
     try:
       self.grounding = grounding_lib.make_grounding(self.class_names, vocab, max_text_len,
@@ -157,6 +174,24 @@ class DetectionSource(base.DataSource):
     except grounding_lib.CaptionTooLongError as e:
       self.caption_overflow = str(e)
       self.grounding = self._first_chunk()
+    # ---- per-image captions (module docstring; grounding.CaptionSampler) ----
+    if per_image_captions not in (None, True, False):
+      raise ValueError(f"{name}: per_image_captions={per_image_captions!r}; expected None (on when "
+                       "the caption overflows), True or False.")
+    if not isinstance(caption_seed, int) or isinstance(caption_seed, bool):
+      raise ValueError(f"{name}: caption_seed={caption_seed!r}; expected an int.")
+    self.caption_seed = caption_seed
+    self.caption_sampling_splits = tuple(caption_sampling_splits)
+    self.caption_sampler = None
+    if per_image_captions is None:  # automatic: GLIP's per-image path has no caption prompts
+      per_image_captions = bool(self.caption_overflow) and self.caption_prompts is None
+    if per_image_captions:
+      if self.caption_prompts is not None:  # GLIP asserts the same (not use_caption_prompt)
+        raise ValueError(f"{name}: per-image captions cannot use caption_prompts (GLIP's "
+                         "per-image path has none); drop them or set per_image_captions=False.")
+      self.caption_sampler = grounding_lib.CaptionSampler(
+          self.class_names, vocab, max_text_len, separator, max_negatives=max_negatives)
+    # ---- end per-image captions ----
 
   def _first_chunk(self) -> grounding_lib.Grounding:
     """The grounding of the longest leading run of classes whose caption fits."""
@@ -207,6 +242,8 @@ class DetectionSource(base.DataSource):
     ]
     with tf.control_dependencies(checks):
       labels = tf.identity(labels)
+    if self.caption_sampler is not None and SAMPLE_CAPTION_KEY in example:
+      return self._with_sampled_caption(example, boxes, labels)
     class_token_map = tf.constant(self.grounding.class_token_map)
     example.update(
         boxes=boxes, box_labels=labels,
@@ -216,6 +253,42 @@ class DetectionSource(base.DataSource):
         orig_size=tf.cast(example["orig_size"], tf.int32),
         image_id=tf.cast(example["image_id"], tf.int32))
     return example
+
+  # ---- per-image captions (module docstring; grounding.CaptionSampler) ----
+  def samples_captions(self, split: str) -> bool:
+    """Whether `split`'s examples carry per-image captions."""
+    return self.caption_sampler is not None and split in self.caption_sampling_splits
+
+  def mark_caption_sampling(self, raw: dict, split: str, count: int) -> dict:
+    """`raw` (the columns of `split`'s raw dataset, `count` rows) with the marker that makes
+    `decode` sample the captions, when `samples_captions(split)`."""
+    if not self.samples_captions(split):
+      return raw
+    return {**raw, SAMPLE_CAPTION_KEY: np.ones([count], bool)}
+
+  def _with_sampled_caption(self, example: dict, boxes, labels) -> dict:
+    sampler, length = self.caption_sampler, self.max_text_len
+
+    def sample(box_labels, image_id):
+      caption = sampler.sample(box_labels, grounding_lib.caption_rng(self.caption_seed,
+                                                                     int(image_id)))
+      return caption.text_ids, caption.text_mask, caption.positive_map, caption.keep_box
+
+    text_ids, text_mask, positive_map, keep = tf.numpy_function(
+        sample, [labels, example["image_id"]], [tf.int32, tf.int32, tf.float32, tf.bool],
+        stateful=False)
+    text_ids.set_shape([length])
+    text_mask.set_shape([length])
+    keep.set_shape([None])
+    positive_map = tf.ensure_shape(positive_map, [None, length])
+    example = {k: v for k, v in example.items() if k != SAMPLE_CAPTION_KEY}
+    example.update(
+        boxes=tf.boolean_mask(boxes, keep), box_labels=tf.boolean_mask(labels, keep),
+        positive_map=tf.boolean_mask(positive_map, keep), text_ids=text_ids, text_mask=text_mask,
+        orig_size=tf.cast(example["orig_size"], tf.int32),
+        image_id=tf.cast(example["image_id"], tf.int32))
+    return example
+  # ---- end per-image captions ----
 
   def decode(self, example: dict) -> dict:
     return self.with_grounding(self.decode_detection(example))

@@ -13,6 +13,15 @@ split.
 Generated with numpy from fixed seeds (one per split): the same bytes on every machine and run.
 Splits: train 512, val 64, test 128 (about 0.3 s for all three on a busy 2-core CPU).
 
+LVIS-style use (`configs/sdpt_lvis.py`'s demo): `extra_class_names` appends names that are never
+drawn (labels 5.., e.g. `DISTRACTOR_NAMES`, the other colour x shape pairs), so the class list
+can outgrow a short caption and train on per-image captions (`detection.DetectionSource`);
+`lvis_fields=True` adds what LVISEval reads to `coco_ground_truth`: each image's
+`neg_category_ids` (every category it does not show: the scenes are exhaustively labelled),
+empty `not_exhaustive_category_ids`, and each category's `frequency` from `DEMO_FREQUENCY`
+(assigned, so that LVIS' rare / common / frequent groups each hold a drawn class; the generated
+split is not long-tailed; the distractors are 'r').
+
 The caption is "red square. blue circle. green triangle. yellow bar" (GLIP's ". " separator);
 `max_text_len` defaults to 32 (the GLIP-tiny text length). The vocabulary is a WordPiece
 vocab.txt the project writes itself (`vocabulary()`: the BERT special tokens, '.', ',', and the
@@ -27,7 +36,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline import base, detection
+from input_pipeline import base, detection, grounding
 
 NAME = "embedded/detection_shapes"
 IMAGE_SIZE = 128
@@ -35,6 +44,10 @@ MAX_OBJECTS = 4
 CLASS_NAMES = ("red square", "blue circle", "green triangle", "yellow bar")
 COLOURS = ((220, 45, 45), (50, 80, 230), (45, 200, 60), (230, 210, 50))  # CLASS_NAMES order
 SIZE_RANGE = (20, 44)  # object side in pixels, inclusive
+DISTRACTOR_NAMES = tuple(f"{c} {s}" for c in ("red", "blue", "green", "yellow")
+                         for s in ("square", "circle", "triangle", "bar")
+                         if f"{c} {s}" not in CLASS_NAMES)  # 12 names never drawn
+DEMO_FREQUENCY = ("f", "c", "r", "f")  # LVIS frequency group of each drawn class (assigned)
 SPLIT_SIZES = {"train": 512, "val": 64, "test": 128}
 _SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_MAX_TEXT_LEN = 32
@@ -125,10 +138,19 @@ class DetectionShapesSource(detection.DetectionSource):
 
   def __init__(self, name: str = NAME, *, vocab: str | None = None,
                max_text_len: int = DEFAULT_MAX_TEXT_LEN, separator: str = ". ",
-               caption_prompts=None):
-    super().__init__(name, CLASS_NAMES, tuple(SPLIT_SIZES),
+               caption_prompts=None, extra_class_names=(), lvis_fields: bool = False,
+               per_image_captions: bool | None = None,
+               max_negatives: int = grounding.DEFAULT_MAX_NEGATIVES, caption_seed: int = 0):
+    extra = tuple(extra_class_names)
+    if not all(isinstance(n, str) and n for n in extra) or set(extra) & set(CLASS_NAMES):
+      raise ValueError(f"{name}: extra_class_names={extra_class_names!r}; expected non-empty "
+                       f"names other than the drawn classes {CLASS_NAMES}.")
+    self.lvis_fields = bool(lvis_fields)
+    super().__init__(name, CLASS_NAMES + extra, tuple(SPLIT_SIZES),
                      vocab=vocabulary() if vocab is None else vocab, max_text_len=max_text_len,
-                     separator=separator, caption_prompts=caption_prompts)
+                     separator=separator, caption_prompts=caption_prompts,
+                     per_image_captions=per_image_captions, max_negatives=max_negatives,
+                     caption_seed=caption_seed, caption_sampling_splits=("train",))
     self._arrays = {split: make_detection_shapes(n, _SPLIT_SEEDS[split])
                     for split, n in SPLIT_SIZES.items()}
 
@@ -146,10 +168,10 @@ class DetectionShapesSource(detection.DetectionSource):
                   process_count: int = 1) -> tf.data.Dataset:
     images, boxes, labels, num_boxes = self.arrays(split)
     start, end = base.host_range(len(images), process_index, process_count)
-    return tf.data.Dataset.from_tensor_slices({
+    return tf.data.Dataset.from_tensor_slices(self.mark_caption_sampling({
         "image": images[start:end], "boxes": boxes[start:end], "box_labels": labels[start:end],
         "num_boxes": num_boxes[start:end],
-        "image_id": np.arange(start + 1, end + 1, dtype=np.int32)})
+        "image_id": np.arange(start + 1, end + 1, dtype=np.int32)}, split, end - start))
 
   def decode_detection(self, example: dict) -> dict:
     example = dict(example)
@@ -161,7 +183,15 @@ class DetectionShapesSource(detection.DetectionSource):
 
   def coco_ground_truth(self, split: str) -> dict:
     images, boxes, labels, num_boxes = self.arrays(split)
-    return detection.coco_ground_truth_dict(
+    truth = detection.coco_ground_truth_dict(
         np.arange(1, len(images) + 1), [(IMAGE_SIZE, IMAGE_SIZE)] * len(images),
         [b[:k] for b, k in zip(boxes, num_boxes)], [x[:k] for x, k in zip(labels, num_boxes)],
         self.category_ids, self.class_names)
+    if self.lvis_fields:  # what LVISEval reads (module docstring)
+      for image, image_labels, k in zip(truth["images"], labels, num_boxes):
+        shown = {self.category_ids[l - 1] for l in image_labels[:k].tolist()}
+        image["neg_category_ids"] = [c for c in self.category_ids if c not in shown]
+        image["not_exhaustive_category_ids"] = []
+      for index, category in enumerate(truth["categories"]):
+        category["frequency"] = DEMO_FREQUENCY[index] if index < len(CLASS_NAMES) else "r"
+    return truth

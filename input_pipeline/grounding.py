@@ -13,7 +13,24 @@ c's name. Follows microsoft/GLIP:
     falls on no token (a space) it tries beg + 1, then beg + 2, and end - 2, then end - 3;
   * `maskrcnn_benchmark/engine/inference.py` `create_queries_and_maps` / `chunks` (chunked
     evaluation, `TEST.CHUNKED_EVALUATION`): the sorted classes cut into consecutive chunks of n,
-    each with its own caption and label -> token map, labels keeping their global ids.
+    each with its own caption and label -> token map, labels keeping their global ids;
+  * per-image captions (`CaptionSampler`), GLIP's training path for class lists whose caption
+    does not fit (LVIS' 1203 names): `modulated_coco.py` `CocoGrounding.__getitem__` with
+    `DATASETS.SPECIAL_SAFEGUARD_FOR_COCO_GROUNDING` ("Intended for LVIS"; the same steps as
+    `coco_dt.py` `CocoDetectionTSV`, O365 pre-training) calling `od_to_grounding.py`
+    `check_for_positive_overflow` then `convert_object_detection_to_grounding_optimized_for_od`
+    with `control_probabilities=(0, 0, 1, 0)`, `max_num_labels=-1`, `max_seq_length =
+    MAX_QUERY_LEN - 2`. Per image: (1) the image's distinct box labels, shuffled, are kept in
+    that order while the running word-piece count of `clean_name(name) + ". "` stays <= 254; the
+    first that would pass it and every later one are cut, with their boxes; (2)
+    `RANDOM_SAMPLE_NEG` labels (85 in GLIP's and SDPT's yamls; the default -1 gives none) are
+    drawn from all classes without replacement and those among the positives dropped (a cut
+    positive could be drawn, but a cut leaves no room for negatives); with CONTROL_PROB's third
+    entry p_full < 1 (O365's (0, 0, 0.5, 0)) the count is instead uniform in 1..85 with
+    probability 1 - p_full; (3) the negatives are kept in order while 254 minus the positives'
+    count (the cut one's tokens included) minus their own running count stays > 0; (4) negatives
+    and positives are shuffled together and joined by the separator; each box's positive-map
+    row marks its class's tokens (`create_positive_map`).
 
 Tokenisation is transformers' `BertTokenizerFast` built from a local WordPiece `vocab.txt` (never
 downloaded; bert-base-uncased's for GLIP): '[CLS] caption [SEP]', padded with [PAD] to
@@ -29,8 +46,13 @@ Deliberate deviations:
   * Caption-prompt names go through `clean_name` as in GLIP's training path
     (`convert_od_to_grounding_simple`); its test path (`create_queries_and_maps`) uses them raw.
     ODinW's prompt names are already clean, so both give the same caption.
-  * The class order is fixed (GLIP's `DISABLE_SHUFFLE`, set in its COCO/ODinW fine-tuning recipes
-    and in SDPT); per-sample shuffling and sampled negatives of GLIP's pre-training are not here.
+  * The dataset-wide caption has a fixed class order (GLIP's `DISABLE_SHUFFLE`, set in its
+    COCO/ODinW fine-tuning recipes and in SDPT); per-image captions (`CaptionSampler`) shuffle.
+  * `CaptionSampler` draws from a numpy Generator seeded per (seed, image) instead of Python's
+    and numpy's global RNGs, so a caption is a pure function of the seed and the image (GLIP
+    draws new negatives at every visit of an image; here they change with `seed` only). A caption
+    that still exceeds `max_length` after tokenising (a separator that merges with the names,
+    so that the per-name counts are off) is an error, where GLIP truncates.
 """
 from __future__ import annotations
 
@@ -46,6 +68,8 @@ import numpy as np
 
 DEFAULT_SEPARATOR = ". "  # GLIP's DATASETS.SEPARATION_TOKENS in both GLIP yamls
 DEFAULT_MAX_LENGTH = 256  # GLIP's MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+DEFAULT_MAX_NEGATIVES = 85  # GLIP's DATASETS.RANDOM_SAMPLE_NEG in its and SDPT's yamls
+COUNTED_SEPARATOR = ". "  # check_for_positive_overflow counts each name as clean_name + ". "
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 PROMPT_KEYS = ("prefix", "name", "suffix")
 
@@ -271,3 +295,145 @@ def chunk_groundings(names: Sequence[str], chunk_size: int, vocab_path: str,
                                do_lower_case=do_lower_case)
     chunks.append((labels, grounding))
   return chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCaption:
+  """One image's sampled caption (`CaptionSampler.sample`).
+
+  text_ids, text_mask: int32 (T,) as in `Grounding`. positive_map: float32 (n, T) binary, row i
+  the tokens of box i's class in this caption (zero for a box whose class was cut).
+  keep_box: bool (n,), False for the boxes of classes cut because the positives overflow (GLIP
+  drops them). labels: the captioned labels in caption order; positive_labels / negative_labels:
+  the kept positives and the negatives (sorted).
+  """
+  text_ids: np.ndarray
+  text_mask: np.ndarray
+  positive_map: np.ndarray
+  keep_box: np.ndarray
+  caption: str
+  labels: tuple[int, ...]
+  positive_labels: tuple[int, ...]
+  negative_labels: tuple[int, ...]
+
+
+def caption_rng(seed: int, image_id: int) -> np.random.Generator:
+  """The Generator of image `image_id`'s caption under `seed`: the same pair, the same caption."""
+  return np.random.default_rng([0x6C766973, int(seed) & 0xFFFFFFFF, int(image_id) & 0xFFFFFFFF])
+
+
+class CaptionSampler:
+  """GLIP's per-image training captions for a class list (module docstring, `CaptionSampler`).
+
+  names: the C class names, label i + 1 = names[i]. max_negatives: GLIP's RANDOM_SAMPLE_NEG (0:
+  positives only). full_negatives_probability: CONTROL_PROB's third entry (1.0 in GLIP's LVIS
+  path, 0.5 in its O365 pre-training yamls). The word-piece count of every name is computed once.
+  """
+
+  def __init__(self, names: Sequence[str], vocab_path: str,
+               max_length: int = DEFAULT_MAX_LENGTH, separator: str = DEFAULT_SEPARATOR, *,
+               max_negatives: int = DEFAULT_MAX_NEGATIVES,
+               full_negatives_probability: float = 1.0, do_lower_case: bool = True):
+    self.names = list(names)
+    if not self.names or not all(isinstance(n, str) for n in self.names):
+      raise ValueError(f"names: expected a non-empty list of class-name strings; got "
+                       f"{self.names[:5]!r}.")
+    self.max_length = _check_max_length(max_length)
+    if (not isinstance(max_negatives, (int, np.integer)) or isinstance(max_negatives, bool)
+        or max_negatives < 0):
+      raise ValueError(f"max_negatives={max_negatives!r}: expected an int >= 0 (negative class "
+                       "names sampled per caption, GLIP's DATASETS.RANDOM_SAMPLE_NEG = 85; 0 for "
+                       "none).")
+    if (isinstance(full_negatives_probability, bool)
+        or not isinstance(full_negatives_probability, (int, float))
+        or not 0.0 <= full_negatives_probability <= 1.0):
+      raise ValueError(f"full_negatives_probability={full_negatives_probability!r}: expected a "
+                       "probability in [0, 1] (GLIP's CONTROL_PROB[2]).")
+    if not isinstance(separator, str):
+      raise ValueError(f"separator={separator!r}: expected a string such as '. '.")
+    self.separator = separator
+    self.max_negatives = int(max_negatives)
+    self.full_negatives_probability = float(full_negatives_probability)
+    self.tokenizer = bert_tokenizer(vocab_path, do_lower_case)
+    # GLIP's budget counts: the word pieces of clean_name(name) + ". ", without [CLS]/[SEP].
+    self.counted_lengths = np.array(
+        [len(self.tokenizer.tokenize(clean_name(n) + COUNTED_SEPARATOR)) for n in self.names],
+        np.int64)
+    self.budget = self.max_length - 2
+    tokenless = [n for n in self.names if not self.tokenizer.tokenize(clean_name(n))]
+    if tokenless:
+      warnings.warn(f"Classes {tokenless[:5]} have names with no token; as in GLIP they can "
+                    "never be grounded (check the names and the vocabulary).")
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.names)
+
+  def _check_labels(self, box_labels) -> np.ndarray:
+    labels = np.asarray(box_labels)
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+      raise ValueError(f"box_labels: expected a 1-D integer array of labels; got dtype "
+                       f"{labels.dtype}, shape {labels.shape}.")
+    labels = labels.astype(np.int64)
+    bad = labels[(labels < 1) | (labels > self.num_classes)]
+    if bad.size:
+      raise ValueError(f"box_labels {sorted(set(bad.tolist()))[:10]} are outside the contiguous "
+                       f"labels 1..{self.num_classes}.")
+    return labels
+
+  def _num_negatives(self, rng: np.random.Generator) -> int:
+    """GLIP's `generate_control_options_given_probabilities` with CONTROL_PROB (0, 0, p, 0)."""
+    full = min(self.max_negatives, self.num_classes)
+    if full == 0:  # RANDOM_SAMPLE_NEG <= 0: GLIP samples none
+      return 0
+    if rng.random() < self.full_negatives_probability:
+      return full
+    return int(rng.integers(1, full + 1))
+
+  def sample(self, box_labels, rng: np.random.Generator) -> ImageCaption:
+    """The caption of an image whose boxes have `box_labels` (contiguous, 1..C), drawn with `rng`
+    (`caption_rng(seed, image_id)` for a deterministic one)."""
+    labels = self._check_labels(box_labels)
+    present = np.unique(labels)
+    positives, length = [], 0
+    for label in rng.permutation(present).tolist():
+      length += int(self.counted_lengths[label - 1])
+      if length > self.budget:  # GLIP's break: this label and all later ones are cut
+        break
+      positives.append(label)
+    drawn = rng.choice(self.num_classes, size=self._num_negatives(rng), replace=False) + 1
+    negatives, room = [], self.budget - length
+    for label in drawn[~np.isin(drawn, present)].tolist():
+      room -= int(self.counted_lengths[label - 1])
+      if room <= 0:
+        break
+      negatives.append(label)
+    order = [int(x) for x in rng.permutation(np.array(negatives + positives, np.int64))]
+    caption, spans = (build_caption([self.names[l - 1] for l in order], self.separator)
+                      if order else ("", []))
+    encoding = self.tokenizer(caption)
+    ids = list(encoding["input_ids"])
+    if len(ids) > self.max_length:
+      raise CaptionTooLongError(
+          f"A sampled caption is {len(ids)} tokens, more than max_length={self.max_length}, "
+          f"though its names' counts fit: the separator {self.separator!r} does not tokenise "
+          f"apart from the names. Caption starts {caption[:80]!r}.")
+    text_ids = np.full([self.max_length], self.tokenizer.pad_token_id, np.int32)
+    text_ids[:len(ids)] = ids
+    text_mask = np.zeros([self.max_length], np.int32)
+    text_mask[:len(ids)] = 1
+    token_rows = {}
+    for label, (start, end) in zip(order, spans):
+      tokens = span_to_tokens(encoding, start, end)
+      row = np.zeros([self.max_length], np.float32)
+      if tokens is not None and tokens[1] >= tokens[0]:  # else GLIP skips it too
+        row[tokens[0]:tokens[1] + 1] = 1.0
+      token_rows[label] = row
+    kept = set(positives)
+    keep_box = np.array([l in kept for l in labels.tolist()], bool)
+    positive_map = np.zeros([len(labels), self.max_length], np.float32)
+    for i, label in enumerate(labels.tolist()):
+      if label in kept:
+        positive_map[i] = token_rows[label]
+    return ImageCaption(text_ids, text_mask, positive_map, keep_box, caption, tuple(order),
+                        tuple(sorted(positives)), tuple(sorted(negatives)))

@@ -57,10 +57,11 @@ def test_variant_arguments_follow_the_command_lines_and_bad_variants_are_refused
 
 
 def test_the_configs_variants_resolve():
-  """The SDPT demos compare SDPT with two baselines; ODinW suites run each dataset (and seed)."""
+  """The SDPT demos (COCO, ODinW, LVIS) compare SDPT with two baselines; ODinW suites run each
+  dataset (and seed)."""
   expected_methods = {"mask=release": "prompts.sdpt", "mask=full": "prompts.glip_finetune",
                       "mask=language_prompt": "prompts.glip_prompt_tuning"}
-  for argument in ("configs/sdpt_coco.py", "configs/sdpt_odinw.py"):
+  for argument in ("configs/sdpt_coco.py", "configs/sdpt_odinw.py", "configs/sdpt_lvis.py"):
     config = main.file_config(argument)
     assert tuple(config.variants) == tuple(expected_methods)
     for variant, model_name in expected_methods.items():

@@ -16,7 +16,10 @@ parameter-efficient baselines SDPT compares with. GLIP's `FREEZE_CONV_BODY_AT` /
 `LANGUAGE_BACKBONE.FREEZE` are regexes here (`freeze_regex`).
 
 Batches carry (input_pipeline/detection.py) image, text_ids, text_mask (model inputs) and boxes,
-box_mask, positive_map (the loss); `config.glip` holds the anchor and post-processing settings:
+box_mask, positive_map (the loss), per example: the dataset's caption, or for a class list that
+overflows it (LVIS) each image's own caption of its classes and sampled negatives, as GLIP trains
+LVIS (`od_to_grounding.py`, via `modulated_coco.py`); `config.glip` holds the anchor and
+post-processing settings:
 
   anchor_sizes (64, 128, 256, 512, 1024)  MODEL.RPN.ANCHOR_SIZES (8 x stride)
   top_k 9                                  MODEL.ATSS.TOPK
@@ -84,15 +87,21 @@ def head_outputs(logits, aux) -> dict:
 
 
 def make_loss(config, source):
-  """GLIP's training loss (module docstring); a source without one caption for all its classes
-  (LVIS) cannot train here, which is said before training starts."""
+  """GLIP's training loss (module docstring). A source without one caption for all its classes
+  (LVIS) trains on per-image captions (`input_pipeline/detection.py`: each example its own
+  'text_ids', 'text_mask' and 'positive_map', GLIP's sampled negatives), which the loss takes as
+  they come; training such a source without them is refused before training starts."""
   glip = settings(config)
   overflow = getattr(source, "caption_overflow", None)
-  if overflow and config.get("mode", "train") == "train":
-    raise ValueError(f"Data source {source.name!r} cannot train GLIP here: {overflow} (GLIP "
-                     "trains such class lists on per-image captions with sampled negatives, "
-                     "which is not implemented; evaluate it with the detection evaluator's "
-                     "chunk_size).")
+  split = config.get("train_split", "train")
+  samples = getattr(source, "samples_captions", None)
+  if (overflow and config.get("mode", "train") == "train"
+      and not (samples is not None and samples(split))):
+    raise ValueError(f"Data source {source.name!r} cannot train GLIP here on split {split!r}: "
+                     f"{overflow} Its training split needs per-image captions (GLIP's sampled "
+                     "negatives: config.dataset_kwargs.per_image_captions=True or None, on a "
+                     "split in the source's caption_sampling_splits); evaluate it with the "
+                     "detection evaluator's chunk_size.")
 
   def loss(logits, aux, batch):
     anchors, level_sizes = anchors_of(aux, glip["anchor_sizes"])

@@ -102,7 +102,7 @@ class Model(detector.Model):
   def __call__(self, image, text_ids, text_mask, *, train: bool = False):
     trunk = detector.swin_trunk(self.size)
     depths, width, n = trunk["depths"], trunk["embed_dim"], self.num_prompts
-    init = vpt._uniform(vpt.prompt_init_bound(4, width))  # GLIP's Swin: patch 4
+    init = vpt.uniform_init(vpt.prompt_init_bound(4, width))  # GLIP's Swin: patch 4
     # Dropout before the batch expand: one draw per sample for the shallow prompts (expanded
     # first), one per deep table, as VPT.
     dropout = lambda x: nn.Dropout(self.prompt_dropout)(x, deterministic=not train)

@@ -36,7 +36,7 @@ def prompt_init_bound(patch_size: int, width: int) -> float:
   return math.sqrt(6.0 / (3 * patch_size * patch_size + width))
 
 
-def _uniform(bound: float):
+def uniform_init(bound: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
@@ -61,7 +61,7 @@ class Model(nn.Module):
   def __call__(self, images, *, train: bool = False):
     v = vit.decode_variant(self.variant)
     width, depth, n = v["width"], v["depth"], self.num_prompts
-    init = _uniform(prompt_init_bound(v["patch_size"], width))
+    init = uniform_init(prompt_init_bound(v["patch_size"], width))
     shallow = self.param("prompt_embeddings", init, (1, n, width))
     deep = self.param("deep_prompt_embeddings", init, (depth - 1, n, width)) if self.deep else None
     dropout = vit.Dropout(self.prompt_dropout)

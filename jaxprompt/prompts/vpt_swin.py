@@ -77,7 +77,7 @@ class Model(swin.Model):
     depths, width, n = v["depths"], v["embed_dim"], self.num_prompts
     swin.check_image_size(*images.shape[1:3], patch_size=self.patch_size,
                           num_stages=len(depths), window_size=self.window_size)
-    init = vpt._uniform(vpt.prompt_init_bound(self.patch_size, width))
+    init = vpt.uniform_init(vpt.prompt_init_bound(self.patch_size, width))
     dropout = nn.Dropout(self.prompt_dropout)
 
     x = self.make_patch_embed()(images)  # (B, H/4, W/4, 128)

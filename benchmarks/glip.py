@@ -22,8 +22,13 @@ What is timed (median of --steps after a compile-and-warm-up call):
     with class-aware NMS) on one image at --image_size and, with --big_inference, at 800 x 1344
     (COCO's test canvas, batch 1);
   * micro: small jitted pieces at the shapes of the --image_size step (one DyConv block forward
-    and backward, its DCNv2 alone, one VLFuse block forward and backward, the post-processing
-    with NMS), so their share of the step can be read off; the tower runs 6 of each.
+    and backward, its 13 DCNv2 convs alone, one VLFuse block forward and backward without and
+    with its attention dropout, one tower BERT layer, the post-processing with NMS), so their
+    share of the step can be read off; the tower runs 6 of each. The "top costs" table ranks
+    them by time per step against the measured frozen step.
+
+FLOPs are XLA's cost analysis of the compiled step (dots at 2 x MACs, plus one per elementwise
+op), so MFU is that count over the time, against the measured matmul peak.
 
 The config is `configs/glip_coco.py`'s with size 'T', text length 256 and 80 classes (only the
 frozen `cls_logits` depends on the class count), trained on GLIP's recipe; the data source is
@@ -42,6 +47,7 @@ import importlib.util
 import os
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +61,7 @@ import input_pipeline  # noqa: E402
 from configs import glip_coco  # noqa: E402
 from input_pipeline import detection, embedded_detection, pipeline  # noqa: E402
 from jaxprompt import sharding, train  # noqa: E402
+from jaxprompt.models import bert  # noqa: E402
 from jaxprompt.models.glip import deform_conv, detector, dyconv, fusion, inference  # noqa: E402
 from jaxprompt.prompts import glip_finetune, sdpt  # noqa: E402
 
@@ -98,6 +105,7 @@ class ScenesWithClasses(embedded_detection.DetectionShapesSource):
 
   def __init__(self, num_classes: int, max_text_len: int):
     names = tuple(f"class {i}" for i in range(num_classes))
+    self.lvis_fields = False  # DetectionShapesSource's COCO-style ground truth
     detection.DetectionSource.__init__(
         self, SOURCE_NAME, names, tuple(embedded_detection.SPLIT_SIZES),
         vocab=embedded_detection.vocabulary(), max_text_len=max_text_len)
@@ -125,7 +133,7 @@ def make_config(mode: str):
   glip_coco.glip_recipe(config, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4,
                         bias_group=mode != "sdpt_paper")  # the prototypes have no biases
   side = FLAGS.image_size
-  train_pp, eval_pp = glip_coco.detection_pp(side, side, side, FLAGS.max_boxes)
+  train_pp, eval_pp = glip_coco.detection_pp(side, side, side, FLAGS.max_boxes, size_divisible=0)
   config.pp.train, config.pp.eval = train_pp, eval_pp
   return config
 
@@ -205,7 +213,7 @@ def time_train(mode: str, peak: float, rng):
   print(f"[{mode}] loss {float(metrics['loss']):.3f}")
   report(f"train {mode} {FLAGS.image_size}px b{FLAGS.batch_size}", seconds, FLAGS.batch_size,
          flops, peak, compile_s)
-  return exp, box["state"]
+  return exp, box["state"], seconds
 
 
 def time_detect(exp, state, height: int, width: int, peak: float, rng):
@@ -242,9 +250,10 @@ def time_fn(name: str, fn, *args, peak: float, repeats: int = 3):
 
 
 def micro(peak: float, rng):
-  """The tower's pieces at the --image_size step's shapes (batch --batch_size). A DyConv block
-  runs DCNv2 up to three times per level (from the level below, itself and the level above); the
-  DCNv2 line runs it once per level."""
+  """The tower's pieces at the --image_size step's shapes (batch --batch_size): a DyConv block,
+  its 13 DCNv2 convs alone (up to three per level: from the level below, itself and the level
+  above), a VLFuse block (without and with its attention dropout), a tower BERT layer, and the
+  inference post-processing."""
   s = detector.decode_size("T")
   b, c, t = FLAGS.batch_size, s["channels"], FLAGS.text_len
   shapes = detector.level_shapes(FLAGS.image_size, FLAGS.image_size)
@@ -264,20 +273,31 @@ def micro(peak: float, rng):
          "DyConv block fwd+bwd": time_fn("DyConv block (5 levels) fwd+bwd", dyconv_grad, params,
                                          levels, peak=peak)}
 
-  def dcn_all_levels(x_levels, kernel):
+  def dcn_as_block(x_levels, kernel):
+    """The 13 DCNv2 convs of a DyConv block over 5 levels: per level one from itself, one from
+    the level below (stride 2) and one on the level above (at its own size). Random offsets
+    (+-2 px) so that the samples spread as a trained model's do; one kernel for all."""
     outs = []
-    for x in x_levels:
-      offset = 0.5 * jnp.ones(x.shape[:3] + (dyconv.OFFSET_CHANNELS,), x.dtype)
-      mask = 0.5 * jnp.ones(x.shape[:3] + (dyconv.MASK_CHANNELS,), x.dtype)
-      outs.append(deform_conv.modulated_deform_conv(x, offset, mask, kernel))
+    for level, x in enumerate(x_levels):
+      sources = [(x, 1)] + ([(x_levels[level - 1], 2)] if level > 0 else [])
+      sources += [(x_levels[level + 1], 1)] if level < len(x_levels) - 1 else []
+      for source, stride in sources:
+        out_hw = tuple(deform_conv.conv_output_size(n, 3, stride=stride, padding=1, dilation=1)
+                       for n in source.shape[1:3])
+        grid = (source.shape[0], *out_hw)
+        offset = jnp.asarray(rng.uniform(-2, 2, size=grid + (dyconv.OFFSET_CHANNELS,)),
+                             jnp.float32)
+        mask = jnp.full(grid + (dyconv.MASK_CHANNELS,), 0.5, jnp.float32)
+        outs.append(deform_conv.modulated_deform_conv(source, offset, mask, kernel,
+                                                      stride=stride))
     return outs
 
   kernel = jnp.asarray(rng.normal(size=(3, 3, c, c)) * 0.02, jnp.float32)
-  dcn_grad = jax.grad(lambda x, k: sum(jnp.sum(y) for y in dcn_all_levels(x, k)), argnums=(0, 1))
-  out["DCNv2 x5 levels fwd"] = time_fn("DCNv2 3x3 (once per level) fwd", dcn_all_levels, levels,
-                                       kernel, peak=peak)
-  out["DCNv2 x5 levels fwd+bwd"] = time_fn("DCNv2 3x3 (once per level) fwd+bwd", dcn_grad,
-                                           levels, kernel, peak=peak)
+  dcn_grad = jax.grad(lambda x, k: sum(jnp.sum(y) for y in dcn_as_block(x, k)), argnums=(0, 1))
+  out["DCNv2 block fwd"] = time_fn("DCNv2 3x3 x13 (as in a DyConv block) fwd", dcn_as_block,
+                                   levels, kernel, peak=peak)
+  out["DCNv2 block fwd+bwd"] = time_fn("DCNv2 3x3 x13 (as in a DyConv block) fwd+bwd",
+                                       dcn_grad, levels, kernel, peak=peak)
 
   fuse = fusion.BiAttentionBlock(c, 768, s["fusion_dim"], s["fusion_heads"],
                                  init_values=1.0 / s["layers"])
@@ -285,8 +305,9 @@ def micro(peak: float, rng):
   lang_mask = jnp.ones((b, t), jnp.int32)
   fparams = fuse.init(key, levels, lang, lang_mask)
 
-  def fuse_fwd(p, v, l):
-    new_v, new_l = fuse.apply(p, v, l, lang_mask)
+  def fuse_fwd(p, v, l, train=False):
+    new_v, new_l = fuse.apply(p, v, l, lang_mask, deterministic=not train,
+                              rngs={"dropout": jax.random.PRNGKey(1)})
     return sum(jnp.sum(y) for y in new_v) + jnp.sum(new_l)
 
   out["VLFuse fwd"] = time_fn("VLFuse (BiAttentionBlock) fwd", fuse_fwd, fparams, levels, lang,
@@ -294,6 +315,23 @@ def micro(peak: float, rng):
   out["VLFuse fwd+bwd"] = time_fn("VLFuse (BiAttentionBlock) fwd+bwd",
                                   jax.grad(fuse_fwd, argnums=(0, 1, 2)), fparams, levels, lang,
                                   peak=peak)
+  # The train step runs the fusion with its attention dropout live.
+  fuse_train = lambda p, v, l: fuse_fwd(p, v, l, train=True)
+  out["VLFuse fwd+bwd train"] = time_fn("VLFuse fwd+bwd, dropout live (as in training)",
+                                        jax.grad(fuse_train, argnums=(0, 1, 2)), fparams, levels,
+                                        lang, peak=peak)
+
+  text = bert.decode_variant(s["text"])
+  bert_layer = fusion.ClampedBertLayer(text["mlp_dim"], text["num_heads"])
+  bparams = bert_layer.init(key, lang, lang_mask)
+
+  def bert_train(p, l):
+    return jnp.sum(bert_layer.apply(p, l, lang_mask, deterministic=False,
+                                    rngs={"dropout": jax.random.PRNGKey(1)}))
+
+  out["BERT layer fwd+bwd train"] = time_fn("tower BERT layer fwd+bwd, dropout live",
+                                            jax.grad(bert_train, argnums=(0, 1)), bparams, lang,
+                                            peak=peak)
 
   n = sum(h * w for h, w in shapes)
   anchors, level_sizes = glip_finetune.anchors_of({"level_shapes": shapes},
@@ -310,6 +348,29 @@ def micro(peak: float, rng):
   return out
 
 
+def top_costs(parts: dict, layers: int, step_seconds: Optional[float]):
+  """The tower's parts ranked by their time per step (layers x the microbenchmark), with their
+  share of the measured frozen train step; the rest is the frozen Swin/FPN and BERT forwards,
+  the heads and the ATSS loss."""
+  ranked = sorted([("VLFuse fwd+bwd (dropout live)", layers * parts["VLFuse fwd+bwd train"]),
+                   ("DyConv fwd+bwd, DCNv2 excluded", layers * (parts["DyConv block fwd+bwd"]
+                                                                - parts["DCNv2 block fwd+bwd"])),
+                   ("DCNv2 fwd+bwd (13 convs per block)", layers * parts["DCNv2 block fwd+bwd"]),
+                   ("tower BERT layer fwd+bwd", layers * parts["BERT layer fwd+bwd train"])],
+                  key=lambda item: -item[1])
+  rest = step_seconds - sum(seconds for _, seconds in ranked) if step_seconds else None
+  if rest is not None and rest > 0:
+    ranked.append(("rest (Swin/FPN + BERT fwd, heads, loss, optimizer)", rest))
+  print(f"top costs of the train step (x{layers} tower layers"
+        + (f", step {step_seconds:.3f} s" if step_seconds else "") + "):")
+  for name, seconds in ranked:
+    share = f"{100 * seconds / step_seconds:5.1f}% of the step" if step_seconds else ""
+    print(f"  {name:<52} {seconds:7.3f} s  {share}", flush=True)
+  if rest is not None and rest <= 0:
+    print("  (the parts add up to more than the step: the microbenchmarks ran slower than the "
+          "step, e.g. under other load; rerun on an idle machine)", flush=True)
+
+
 def main(_):
   input_pipeline.register(SOURCE_NAME, lambda data_dir=None, **kw: ScenesWithClasses(
       FLAGS.num_classes, FLAGS.text_len))
@@ -319,9 +380,9 @@ def main(_):
         f"({detector.count_params('T', FLAGS.num_classes) / 1e6:.1f} M params), "
         f"{FLAGS.num_classes} classes, text {FLAGS.text_len}; matmul peak "
         f"({FLAGS.matmul_size}^2 float32) {peak / 1e9:.1f} GFLOP/s", flush=True)
-  exp, state = None, None
+  exp, state, step_seconds = None, None, {}
   for mode in FLAGS.modes:
-    exp, state = time_train(mode, peak, rng)
+    exp, state, step_seconds[mode] = time_train(mode, peak, rng)
   if exp is None:
     exp = train.build(make_config("full"))
     state = exp.state
@@ -331,9 +392,10 @@ def main(_):
     layers = detector.decode_size("T")["layers"]
     print(f"x{layers} tower layers: DyConv fwd+bwd "
           f"{layers * parts['DyConv block fwd+bwd']:.3f} s (of which DCNv2 "
-          f"{layers * parts['DCNv2 x5 levels fwd+bwd']:.3f} s), VLFuse fwd+bwd "
-          f"{layers * parts['VLFuse fwd+bwd']:.3f} s; postprocess+NMS (inference only) "
-          f"{parts['postprocess+NMS']:.3f} s", flush=True)
+          f"{layers * parts['DCNv2 block fwd+bwd']:.3f} s), VLFuse fwd+bwd "
+          f"{layers * parts['VLFuse fwd+bwd train']:.3f} s with dropout; postprocess+NMS "
+          f"(inference only) {parts['postprocess+NMS']:.3f} s", flush=True)
+    top_costs(parts, layers, step_seconds.get("frozen"))
   if FLAGS.big_inference:
     height, width = (int(v) for v in FLAGS.big_size)
     time_detect(exp, state, height, width, peak, rng)

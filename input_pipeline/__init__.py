@@ -93,10 +93,14 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
   embedded/multilabel_lt: generated long-tailed multi-label squares with class names and
     captions, for LMPT (kwargs: caption_chars, caption_tokenizer).
   embedded/detection_shapes: generated detection scenes with boxes and their own BERT vocabulary,
-    for GLIP (kwargs: vocab, max_text_len, separator, caption_prompts).
+    for GLIP (kwargs: vocab, max_text_len, separator, caption_prompts, extra_class_names for
+    never-drawn names, lvis_fields for LVIS-style ground truth, and the per-image caption ones
+    below).
   coco/2017, lvis/v1, coco_json: COCO-format json + image folders for GLIP (coco_detection.py;
     kwargs root= or data_dir=, or the json/image paths of coco_json; vocab, check_images,
-    skip_bad_images, ...).
+    skip_bad_images, ...; per_image_captions, max_negatives, caption_seed: GLIP's per-image
+    training captions with sampled negatives, on by themselves when the class list overflows the
+    caption, as LVIS does).
   odinw/<dataset>: the ODinW-13/35 datasets in GLIP's DATASET/odinw layout (odinw.py; kwargs
     root= or data_dir=, vocab, version, shots, seed, override_category, caption_prompt, ...).
   """

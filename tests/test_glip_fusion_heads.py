@@ -154,6 +154,50 @@ def test_fusion_gradients():
   assert rel_err(grad_hidden, t_hidden.grad.numpy()) < 1e-4
 
 
+@pytest.mark.parametrize("extra", [(0, 0), (3, 2)])
+def test_bi_attention_backward_equals_autodiff_with_dropout_and_binding_clamps(extra):
+  """`fusion.bi_attention`'s written-out backward against autodiff of the plain steps (clamp,
+  text-side max subtraction, two softmaxes, dropout's keep masks, SDPT's extra rows/columns),
+  with scores large enough that the +-5e4 clamps bind."""
+  extra_rows, extra_cols = extra
+  batch, heads, n, t, d = 2, 2, 12, 7, 4
+  rng = np.random.default_rng(3)
+  normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+  query, key = normal(batch, heads, n + extra_rows, d), normal(batch, heads, t + extra_cols, d)
+  query = query.at[:, :, :2].multiply(4e4)  # two image rows whose scores hit the clamps
+  value_v, value_l = normal(batch, heads, n + extra_rows, d), normal(batch, heads, t + extra_cols, d)
+  mask = (rng.random((batch, t + extra_cols)) > 0.3).astype(np.float32)
+  image_bias = jnp.where(mask == 0, fusion.IMAGE_SIDE_MASK_VALUE, mask)[:, None, None, :]
+  keep = lambda *shape: jnp.asarray((rng.random(shape) > 0.25) / 0.75, jnp.float32)
+  keep_v, keep_l = keep(batch, heads, n, t + extra_cols), keep(batch, heads, n + extra_rows, t)
+  weights = normal(batch, heads, n, d), normal(batch, heads, t, d)
+
+  def plain(query, key, value_v, value_l):
+    scores = fusion.clamp(jnp.einsum("bhnd,bhtd->bhnt", query, key))
+    scores_l = scores[..., :t].swapaxes(-1, -2)
+    scores_l = scores_l - scores_l.max(-1, keepdims=True)
+    weights_l = jax.nn.softmax(fusion.clamp(scores_l), axis=-1) * keep_l.swapaxes(-1, -2)
+    weights_v = jax.nn.softmax(scores[:, :, :n] + image_bias, axis=-1) * keep_v
+    return weights_v @ value_l, weights_l @ value_v
+
+  def written(query, key, value_v, value_l):
+    return fusion.bi_attention(query, key, value_v, value_l, image_bias, keep_v, keep_l, n, t,
+                               True, True)
+
+  def loss(fn):
+    return lambda *args: sum(jnp.sum(o * w) for o, w in zip(fn(*args), weights))
+
+  args = (query, key, value_v, value_l)
+  scores = jnp.einsum("bhnd,bhtd->bhnt", query, key)
+  assert float(scores.min()) < -fusion.CLAMP_VALUE and float(scores.max()) > fusion.CLAMP_VALUE
+  for ours, theirs in zip(written(*args), plain(*args)):
+    assert rel_err(ours, theirs) < 1e-5
+  grads = jax.grad(loss(written), argnums=(0, 1, 2, 3))(*args)
+  expected = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(*args)
+  for ours, theirs in zip(grads, expected):
+    assert rel_err(ours, theirs) < 1e-4
+
+
 def test_fusion_dropout_only_in_training():
   _, _, params, (levels, hidden, mask) = fusion_setup("square")
   apply = fusion_apply()

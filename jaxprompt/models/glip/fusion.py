@@ -51,6 +51,14 @@ Deliberate deviations:
     inputs, but they are kept (and tested where they bind) so that outputs match the original.
     The text-side row-max subtraction and the +1 on valid image-side columns are softmax
     no-ops in float32; they are kept for fidelity, so no test can tell them apart.
+  * Steps 4-8 are one function, `bi_attention`, with a written-out backward (as a fused
+    attention kernel would have): its score-sized residuals are the scores and the two attention
+    maps (before and after dropout), and it computes the text side in the (N, T) layout, normalising over N,
+    instead of transposing S. The values are those of the steps above; the gradient differs
+    from autodiff of them only in rounding and at exact clamp boundaries (the clamps pass
+    gradient on the closed interval, as PyTorch's clamp does; the text-side row max gets none,
+    its exact gradient being zero). Dropout's keep masks are drawn in that layout, so a text-side
+    mask is the transpose of the original's (same distribution).
   * STABLE_SOFTMAX_2D (subtracting the global max of S; off in every GLIP config), DropPath (rate
     0 in VLFuse) and the activation checkpointing of USE_CHECKPOINT (no numerical effect; wrap
     with `nn.remat` if memory needs it) are not implemented.
@@ -60,6 +68,7 @@ Deliberate deviations:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -101,6 +110,103 @@ def torch_linear_bias_init(fan_in: int):
 # ---------------------------------------------------------------------------------------------
 # Bi-directional attention (VLFuse "MHA-B").
 # ---------------------------------------------------------------------------------------------
+
+def _clamp_pass(x, clamp_min: bool, clamp_max: bool):
+  """1 where `clamp` passes x's gradient (PyTorch's clamp: inside the closed interval), else 0."""
+  inside = jnp.ones(x.shape, bool)
+  if clamp_min:
+    inside = inside & (x >= -CLAMP_VALUE)
+  if clamp_max:
+    inside = inside & (x <= CLAMP_VALUE)
+  return inside
+
+
+def _bi_attention_forward(query, key, value_v, value_l, image_bias, keep_v, keep_l, num_visual,
+                          num_text, clamp_min, clamp_max):
+  """Steps 4-8 of the module docstring on split heads; returns the outputs and the residuals."""
+  dtype = query.dtype
+  scores = jnp.einsum("bhnd,bhtd->bhnt", query, key).astype(jnp.float32)  # (B, H, N(+K), T(+K'))
+  clamped = clamp(scores, clamp_min, clamp_max)
+  # Text side, kept in the (N, T) layout and normalised over N (axis 2) instead of transposing.
+  # The max is a per-column constant: it changes no softmax and passes no gradient (the softmax
+  # gradient sums to zero over the column), so it is taken out of the gradient.
+  scores_l = clamped[..., :num_text] if clamped.shape[3] != num_text else clamped
+  text_max = jax.lax.stop_gradient(scores_l.max(2, keepdims=True))  # (B, H, 1, T)
+  scores_l = scores_l - text_max
+  # After the max is subtracted the column max is exactly 0, so softmax's own max is 0 too.
+  exp_l = jnp.exp(clamp(scores_l, clamp_min, clamp_max))
+  weights_l = exp_l / exp_l.sum(2, keepdims=True)
+  scores_v = clamped[:, :, :num_visual] if clamped.shape[2] != num_visual else clamped
+  weights_v = jax.nn.softmax(scores_v + image_bias, axis=-1)
+  dropped_v = weights_v if keep_v is None else weights_v * keep_v
+  dropped_l = weights_l if keep_l is None else weights_l * keep_l
+  out_v = jnp.einsum("bhnt,bhtd->bhnd", dropped_v.astype(dtype), value_l)
+  out_l = jnp.einsum("bhnt,bhnd->bhtd", dropped_l.astype(dtype), value_v)
+  residuals = (query, key, value_v, value_l, scores, text_max, weights_v, dropped_v, weights_l,
+               dropped_l)
+  return (out_v, out_l), residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def bi_attention(query, key, value_v, value_l, image_bias, keep_v, keep_l, num_visual: int,
+                 num_text: int, clamp_min: bool, clamp_max: bool):
+  """The shared-score bi-directional attention on split heads (steps 4-8 of the docstring).
+
+  query (B, H, N', d) (already scaled by d^-0.5; N' = N visual tokens, then any extra ones),
+  key / value_l (B, H, T', d) (T' = T text tokens, then any extra ones), value_v (B, H, N', d),
+  image_bias (B, 1, 1, T') added to the image-side scores, keep_v (B, H, N, T') / keep_l
+  (B, H, N', T) dropout's scaled keep masks or None. Returns (out_v (B, H, N, d), out_l
+  (B, H, T, d)): image rows attend over all T' columns, text columns over all N' rows.
+
+  The backward is written out (its score-sized residuals are the scores and the attention maps
+  before and after dropout): autodiff of the clamps, the max subtraction and two softmaxes keeps
+  and re-reads about a dozen score-sized arrays, a large share of a fusion layer's CPU time. The
+  clamps pass gradient inside the closed interval, as PyTorch's clamp does. image_bias and the
+  keep masks get no gradient.
+  """
+  return _bi_attention_forward(query, key, value_v, value_l, image_bias, keep_v, keep_l,
+                               num_visual, num_text, clamp_min, clamp_max)[0]
+
+
+def _bi_attention_fwd(query, key, value_v, value_l, image_bias, keep_v, keep_l, num_visual,
+                      num_text, clamp_min, clamp_max):
+  return _bi_attention_forward(query, key, value_v, value_l, image_bias, keep_v, keep_l,
+                               num_visual, num_text, clamp_min, clamp_max)
+
+
+def _bi_attention_bwd(num_visual, num_text, clamp_min, clamp_max, residuals, grads):
+  (query, key, value_v, value_l, scores, text_max, weights_v, dropped_v, weights_l,
+   dropped_l) = residuals
+  grad_out_v, grad_out_l = grads
+  dtype, f32 = query.dtype, jnp.float32
+  num_rows, num_cols = scores.shape[2:]
+  # Image side: d softmax = P (dP - sum_t P dP), with dP already through the dropout mask.
+  grad_dropped_v = jnp.einsum("bhnd,bhtd->bhnt", grad_out_v, value_l).astype(f32)
+  grad_v = dropped_v * grad_dropped_v
+  grad_v = grad_v - weights_v * grad_v.sum(-1, keepdims=True)
+  # Text side (normalised over axis 2); the inner clamp passes gradient where s - max >= -5e4.
+  grad_dropped_l = jnp.einsum("bhtd,bhnd->bhnt", grad_out_l, value_v).astype(f32)
+  grad_l = dropped_l * grad_dropped_l
+  grad_l = grad_l - weights_l * grad_l.sum(2, keepdims=True)
+  if clamp_min:
+    scores_l = clamp(scores[..., :num_text] if num_cols != num_text else scores, clamp_min,
+                     clamp_max)
+    grad_l = jnp.where(scores_l - text_max >= -CLAMP_VALUE, grad_l, 0.0)
+  if num_rows != num_visual:
+    grad_v = jnp.pad(grad_v, ((0, 0), (0, 0), (0, num_rows - num_visual), (0, 0)))
+  if num_cols != num_text:
+    grad_l = jnp.pad(grad_l, ((0, 0), (0, 0), (0, 0), (0, num_cols - num_text)))
+  grad_scores = jnp.where(_clamp_pass(scores, clamp_min, clamp_max), grad_v + grad_l, 0.0)
+  grad_scores = grad_scores.astype(dtype)
+  grad_query = jnp.einsum("bhnt,bhtd->bhnd", grad_scores, key)
+  grad_key = jnp.einsum("bhnt,bhnd->bhtd", grad_scores, query)
+  grad_value_l = jnp.einsum("bhnt,bhnd->bhtd", dropped_v.astype(dtype), grad_out_v)
+  grad_value_v = jnp.einsum("bhnt,bhtd->bhnd", dropped_l.astype(dtype), grad_out_l)
+  return grad_query, grad_key, grad_value_v, grad_value_l, None, None, None
+
+
+bi_attention.defvjp(_bi_attention_fwd, _bi_attention_bwd)
+
 
 class BiMultiHeadAttention(nn.Module):
   """The shared-score bi-directional attention on the normalised sequences (no residual).
@@ -147,24 +253,16 @@ class BiMultiHeadAttention(nn.Module):
     value_v = split_heads(dense(self.embed_dim, "values_v_proj")(v))
     value_l = split_heads(dense(self.embed_dim, "values_l_proj")(l))
 
-    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N(+K), T(+K'))
-    scores = clamp(scores, self.clamp_min, self.clamp_max)
-
-    # Text side: each text token attends over all visual tokens; no mask at all.
-    scores_l = scores[..., :num_text].swapaxes(-1, -2)  # (B, H, T, N(+K))
-    scores_l = scores_l - scores_l.max(-1, keepdims=True)
-    weights_l = jax.nn.softmax(clamp(scores_l, self.clamp_min, self.clamp_max), axis=-1)
-
     # Image side: padded text columns get -9e15, valid ones the mask value (1).
-    mask = mask[:, None, None, :]  # (B, 1, 1, T(+K'))
-    weights_v = jax.nn.softmax(scores[:, :, :num_visual]
-                               + jnp.where(mask == 0, IMAGE_SIDE_MASK_VALUE, mask), axis=-1)
-
+    image_bias = jnp.where(mask == 0, IMAGE_SIDE_MASK_VALUE, mask)[:, None, None, :]
+    keep_v = keep_l = None  # dropout's scaled keep masks, (B, H, N, T(+K')) / (B, H, N(+K), T)
     if not deterministic and self.dropout > 0:
-      weights_v = vit.Dropout(self.dropout)(weights_v, deterministic=False)
-      weights_l = vit.Dropout(self.dropout)(weights_l, deterministic=False)
-    out_v = merge_heads(weights_v.astype(self.dtype) @ value_l)  # (B, N, E)
-    out_l = merge_heads(weights_l.astype(self.dtype) @ value_v)  # (B, T, E)
+      ones = lambda rows, cols: jnp.ones((batch, heads, rows, cols), jnp.float32)
+      keep_v = vit.Dropout(self.dropout)(ones(num_visual, key.shape[2]), deterministic=False)
+      keep_l = vit.Dropout(self.dropout)(ones(query.shape[2], num_text), deterministic=False)
+    out_v, out_l = bi_attention(query, key, value_v, value_l, image_bias, keep_v, keep_l,
+                                num_visual, num_text, self.clamp_min, self.clamp_max)
+    out_v, out_l = merge_heads(out_v), merge_heads(out_l)  # (B, N, E), (B, T, E)
     return dense(v_dim, "out_v_proj")(out_v), dense(l_dim, "out_l_proj")(out_l)
 
 

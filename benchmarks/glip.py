@@ -5,6 +5,8 @@ and what the step's time goes to (deformable conv / DyConv, fusion, NMS).
   python benchmarks/glip.py --image_size=384 --batch_size=2 --big_inference=false
   python benchmarks/glip.py --modes=frozen --micro=false
   python benchmarks/glip.py --modes=frozen,sdpt_paper,sdpt_release --micro=false --big_inference=false
+  python benchmarks/glip.py --modes=frozen,sdpt_release --train_size=800,1344 --steps=2 \
+      --micro=false --big_inference=false
 
 Why: GLIP-T (231.8 M parameters, 6 fusion layers of width 2048, DCNv2 in every DyConv) is the
 heaviest model here, and its COCO recipe runs 800 x 1333 images; this measures what a step costs
@@ -84,6 +86,8 @@ flags.DEFINE_list("modes", ["frozen", "full"], "Train steps to time, of: frozen 
 flags.DEFINE_integer("sdpt_tokens", 700, "SDPT prototypes per fusion layer (the release's).")
 flags.DEFINE_bool("big_inference", True, "Also time 'detect' on one 800 x 1344 image.")
 flags.DEFINE_list("big_size", ["800", "1344"], "Height, width of the big inference.")
+flags.DEFINE_list("train_size", [], "Height, width of the train steps' images (e.g. 800,1344, "
+                  "COCO's canvas at batch 1); default --image_size square.")
 flags.DEFINE_bool("micro", True, "Time the DyConv / DCNv2 / VLFuse / NMS microbenchmarks.")
 flags.DEFINE_integer("text_len", 256, "Text length (GLIP's MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN).")
 flags.DEFINE_integer("num_classes", 80, "Classes of the caption and of cls_logits.")
@@ -132,10 +136,22 @@ def make_config(mode: str):
     config.model.num_tokens = FLAGS.sdpt_tokens
   glip_coco.glip_recipe(config, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4,
                         bias_group=mode != "sdpt_paper")  # the prototypes have no biases
-  side = FLAGS.image_size
-  train_pp, eval_pp = glip_coco.detection_pp(side, side, side, FLAGS.max_boxes, size_divisible=0)
+  height, width = train_size()
+  longer = max(height, width)
+  train_pp, eval_pp = glip_coco.detection_pp(min(height, width), longer, longer,
+                                             FLAGS.max_boxes, size_divisible=0)
+  # The train canvas as given (800 x 1344), not squared.
+  train_pp = train_pp.replace(f"pad_image({longer}, {longer})", f"pad_image({height}, {width})")
   config.pp.train, config.pp.eval = train_pp, eval_pp
   return config
+
+
+def train_size() -> tuple[int, int]:
+  """(height, width) of the train steps' images: --train_size, else --image_size square."""
+  if not FLAGS.train_size:
+    return FLAGS.image_size, FLAGS.image_size
+  height, width = (int(v) for v in FLAGS.train_size)
+  return height, width
 
 
 def synthetic_batch(spec: dict, batch_size: int, text_len: int, rng) -> dict:
@@ -145,7 +161,6 @@ def synthetic_batch(spec: dict, batch_size: int, text_len: int, rng) -> dict:
   for key, value in spec.items():
     shape, dtype = (batch_size, *value.shape[1:]), value.dtype.as_numpy_dtype
     batch[key] = np.zeros(shape, dtype)
-  side = FLAGS.image_size
   batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
   batch["text_ids"] = rng.integers(5, 28, size=batch["text_ids"].shape).astype(np.int32)
   batch["text_ids"][:, 0] = 2
@@ -157,7 +172,7 @@ def synthetic_batch(spec: dict, batch_size: int, text_len: int, rng) -> dict:
   batch["positive_map"][:, 1, 4:6] = 0.5
   for key in ("image_size", "orig_size"):
     if key in batch:
-      batch[key][:] = side
+      batch[key][:] = train_size()
   if "image_id" in batch:
     batch["image_id"][:] = np.arange(1, batch_size + 1)
   assert batch["text_ids"].shape[1] == text_len, batch["text_ids"].shape
@@ -211,7 +226,8 @@ def time_train(mode: str, peak: float, rng):
 
   seconds = median_seconds(step, FLAGS.steps)
   print(f"[{mode}] loss {float(metrics['loss']):.3f}")
-  report(f"train {mode} {FLAGS.image_size}px b{FLAGS.batch_size}", seconds, FLAGS.batch_size,
+  report(f"train {mode} {'x'.join(map(str, train_size()))} b{FLAGS.batch_size}", seconds,
+         FLAGS.batch_size,
          flops, peak, compile_s)
   return exp, box["state"], seconds
 

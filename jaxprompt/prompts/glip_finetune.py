@@ -128,6 +128,17 @@ def predict_fns(model, config) -> dict:
   return {"detect": detect}
 
 
+def glip_prompt_method(model, trainable: str, new_params: str) -> method.Method:
+  """The `METHOD` of a method that adds params (`new_params`: a regex of their names) to a GLIP
+  whose weights load around them (`checkpoint.load_glip_keeping`), trained with GLIP's loss and
+  evaluated with its 'detect': SDPT's baselines (prompt tuning, VPT, LoRA, MaPLe, UPT)."""
+  return method.Method(
+      model=model, trainable=trainable,
+      loaders={"model": checkpoint.load_glip_keeping(new_params), "image": checkpoint.load_swin,
+               "text": checkpoint.load_bert},
+      inputs=("image", "text_ids", "text_mask"), make_loss=make_loss, predict_fns=predict_fns)
+
+
 METHOD = method.Method(
     model=detector.Model, trainable=TRAINABLE_PARAMS,
     loaders={"model": checkpoint.load_glip, "image": checkpoint.load_swin,

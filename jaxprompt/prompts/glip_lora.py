@@ -75,9 +75,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt import method
 from jaxprompt.models import common
-from jaxprompt.models.glip import checkpoint, detector
+from jaxprompt.models.glip import detector
 from jaxprompt.prompts import glip_finetune
 
 # target name -> regex full-matching the module paths of its Dense layers in GLIP's params.
@@ -216,9 +215,4 @@ class Model(detector.Model):
                                    rngs=rngs)
 
 
-METHOD = method.Method(
-    model=Model, trainable=TRAINABLE_PARAMS,
-    loaders={"model": checkpoint.load_glip_keeping(LORA), "image": checkpoint.load_swin,
-             "text": checkpoint.load_bert},
-    inputs=("image", "text_ids", "text_mask"), make_loss=glip_finetune.make_loss,
-    predict_fns=glip_finetune.predict_fns)
+METHOD = glip_finetune.glip_prompt_method(Model, TRAINABLE_PARAMS, LORA)

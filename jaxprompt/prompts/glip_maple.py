@@ -41,9 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt import method
 from jaxprompt.models import bert, common
-from jaxprompt.models.glip import checkpoint, detector, fusion
+from jaxprompt.models.glip import detector, fusion
 from jaxprompt.prompts import glip_finetune
 
 NEW_PARAMS = r"maple_lang_input|maple_coupling_proj"  # top-level names, kept by the loader
@@ -108,9 +107,4 @@ class Model(detector.Model):
                                    text_delta=text_delta, patch_delta=coupled)
 
 
-METHOD = method.Method(
-    model=Model, trainable=MAPLE,
-    loaders={"model": checkpoint.load_glip_keeping(NEW_PARAMS),
-             "image": checkpoint.load_swin, "text": checkpoint.load_bert},
-    inputs=("image", "text_ids", "text_mask"), make_loss=glip_finetune.make_loss,
-    predict_fns=glip_finetune.predict_fns)
+METHOD = glip_finetune.glip_prompt_method(Model, MAPLE, NEW_PARAMS)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from jaxprompt import method
 from jaxprompt.models import bert
-from jaxprompt.models.glip import checkpoint, detector
+from jaxprompt.models.glip import detector
 from jaxprompt.prompts import glip_finetune
 
 TRAINABLE_PARAMS = r"tunable_linear"
@@ -40,9 +39,4 @@ class Model(detector.Model):
                                    text_delta=table)
 
 
-METHOD = method.Method(
-    model=Model, trainable=TRAINABLE_PARAMS,
-    loaders={"model": checkpoint.load_glip_keeping(TRAINABLE_PARAMS),
-             "image": checkpoint.load_swin, "text": checkpoint.load_bert},
-    inputs=("image", "text_ids", "text_mask"), make_loss=glip_finetune.make_loss,
-    predict_fns=glip_finetune.predict_fns)
+METHOD = glip_finetune.glip_prompt_method(Model, TRAINABLE_PARAMS, TRAINABLE_PARAMS)

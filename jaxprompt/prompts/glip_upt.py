@@ -45,8 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt import method
-from jaxprompt.models.glip import checkpoint, detector, fusion
+from jaxprompt.models.glip import detector, fusion
 from jaxprompt.prompts import glip_finetune, glip_maple
 
 NEW_PARAMS = r"upt_image|upt_text"  # top-level names, kept by the loader
@@ -107,9 +106,4 @@ class Model(detector.Model):
                                    text_delta=text_delta, patch_delta=patch_delta)
 
 
-METHOD = method.Method(
-    model=Model, trainable=UPT,
-    loaders={"model": checkpoint.load_glip_keeping(NEW_PARAMS),
-             "image": checkpoint.load_swin, "text": checkpoint.load_bert},
-    inputs=("image", "text_ids", "text_mask"), make_loss=glip_finetune.make_loss,
-    predict_fns=glip_finetune.predict_fns)
+METHOD = glip_finetune.glip_prompt_method(Model, UPT, NEW_PARAMS)

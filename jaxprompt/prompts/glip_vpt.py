@@ -58,9 +58,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxprompt import method
 from jaxprompt.models import common
-from jaxprompt.models.glip import checkpoint, detector
+from jaxprompt.models.glip import detector
 from jaxprompt.prompts import glip_finetune, vpt, vpt_swin
 
 PROMPTS = r"prompt_embeddings|deep_prompt_embeddings_\d+"
@@ -122,9 +121,4 @@ class Model(detector.Model):
                                    swin_prompted_stage=vpt_swin.PromptedStage)
 
 
-METHOD = method.Method(
-    model=Model, trainable=PROMPTS,
-    loaders={"model": checkpoint.load_glip_keeping(PROMPTS),
-             "image": checkpoint.load_swin, "text": checkpoint.load_bert},
-    inputs=("image", "text_ids", "text_mask"), make_loss=glip_finetune.make_loss,
-    predict_fns=glip_finetune.predict_fns)
+METHOD = glip_finetune.glip_prompt_method(Model, PROMPTS, PROMPTS)

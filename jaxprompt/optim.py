@@ -74,9 +74,10 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
   for every milestone passed, `milestones` given as fractions of `total_steps` (GLIP: 0.67 and
   0.89; none: a constant lr after the warmup, as GLIP's ODinW runs whose steps come from the
   plateau rule); the linear warmup multiplies it (the two overlap when a milestone falls in the
-  warmup, as in the original). `min_lr` does not apply to it.
+  warmup, as in the original, and the warmup may be as long as the run or longer: SDPT's GLIP-L
+  yaml warms up over all its 2000 iterations). `min_lr` does not apply to it.
   """
-  if warmup_steps >= total_steps:
+  if warmup_steps >= total_steps and decay != "multistep":  # GLIP's may outlast its run (SDPT)
     raise ValueError(f"warmup_steps={warmup_steps} must be below total_steps={total_steps}.")
   if warmup_type not in ("linear", "constant"):
     raise ValueError(f"optim.warmup_type={warmup_type!r}: expected 'linear' or 'constant'.")

@@ -99,6 +99,19 @@ def test_multistep_is_glips_warmup_multistep_lr():
   np.testing.assert_allclose([float(constant(s)) for s in (0, 9)], [1.0, 1.0])
 
 
+def test_multistep_warmup_may_span_the_whole_run():
+  """SDPT's README command on GLIP-L's yaml: 2000 warm-up iterations from x0.001 in a
+  2000-iteration run, milestones at 1340 and 1780 inside it."""
+  schedule = optim.make_schedule(lr=1e-5, total_steps=2000, warmup_steps=2000, warmup_init=1e-8,
+                                 decay="multistep", milestones=(0.67, 0.89))
+  expected = lambda t: 1e-5 * (0.001 + 0.999 * t / 2000) * 0.1 ** ((t >= 1340) + (t >= 1780))
+  steps = [0, 1000, 1339, 1340, 1779, 1780, 1999]
+  np.testing.assert_allclose([float(schedule(t)) for t in steps], [expected(t) for t in steps],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="warmup_steps=10 must be below total_steps=10"):
+    optim.make_schedule(lr=1.0, total_steps=10, warmup_steps=10)  # cosine cannot
+
+
 def test_weight_decay_schedule_is_glips():
   """SOLVER.WEIGHT_DECAY_SCHEDULE: the weight decay x0.1 once the update count reaches 0.667 of
   each lr milestone (GLIP-L's yaml, 2000 iterations: milestones 1340 and 1780, so updates from

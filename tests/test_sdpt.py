@@ -225,6 +225,8 @@ def test_every_mask_of_both_configs_resolves_to_its_method_and_set(mask):
     real = sdpt_coco.get_config(f"data=/coco,mask={mask}")
     assert (config.model[key], real.model[key]) == (8, 100 if mask == "vpt" else 700)
   real = sdpt_coco.get_config(f"data=/coco,size=L,mask={mask}")
+  optim.make_optimizer(real.optim, trainable, total_steps=real.total_steps,  # builds, as training
+                       warmup_steps=real.optim.warmup_steps)
   assert (real.total_steps, real.batch_size, real.model.frozen_stages) == (2000, 1, 1)
   assert real.optim.warmup_steps == 2000 and tuple(real.optim.milestones) == (0.67, 0.89)
   with pytest.raises(ValueError, match="mask='prompt'"):

@@ -174,7 +174,7 @@ class DetectionSource(base.DataSource):
     except grounding_lib.CaptionTooLongError as e:
       self.caption_overflow = str(e)
       self.grounding = self._first_chunk()
-    # ---- per-image captions (module docstring; grounding.CaptionSampler) ----
+    # Per-image captions (module docstring; grounding.CaptionSampler).
     if per_image_captions not in (None, True, False):
       raise ValueError(f"{name}: per_image_captions={per_image_captions!r}; expected None (on when "
                        "the caption overflows), True or False.")
@@ -191,7 +191,6 @@ class DetectionSource(base.DataSource):
                          "per-image path has none); drop them or set per_image_captions=False.")
       self.caption_sampler = grounding_lib.CaptionSampler(
           self.class_names, vocab, max_text_len, separator, max_negatives=max_negatives)
-    # ---- end per-image captions ----
 
   def _first_chunk(self) -> grounding_lib.Grounding:
     """The grounding of the longest leading run of classes whose caption fits."""
@@ -254,7 +253,6 @@ class DetectionSource(base.DataSource):
         image_id=tf.cast(example["image_id"], tf.int32))
     return example
 
-  # ---- per-image captions (module docstring; grounding.CaptionSampler) ----
   def samples_captions(self, split: str) -> bool:
     """Whether `split`'s examples carry per-image captions."""
     return self.caption_sampler is not None and split in self.caption_sampling_splits
@@ -288,7 +286,6 @@ class DetectionSource(base.DataSource):
         orig_size=tf.cast(example["orig_size"], tf.int32),
         image_id=tf.cast(example["image_id"], tf.int32))
     return example
-  # ---- end per-image captions ----
 
   def decode(self, example: dict) -> dict:
     return self.with_grounding(self.decode_detection(example))

@@ -191,10 +191,10 @@ def test_trainable_counts_at_glip_t_and_l(size, vpt_count, maple_count, upt_coun
 def test_text_side_adds_to_the_first_text_position_only():
   """`text_side=True`: the text vector (MaPLe) or the text UPT's output (768 -> 100 -> 768 on
   GLIP-T/L) goes to row 0 of `text_delta`; without it the text UPT is not built."""
-  delta = glip_maple.first_token_delta(jnp.arange(1.0, 4.0), 5)
+  delta = detector.first_token_delta(jnp.arange(1.0, 4.0), 5)
   np.testing.assert_array_equal(delta, np.pad([[1.0, 2.0, 3.0]], ((0, 4), (0, 0))))
   with_text = param_shapes(glip_upt.Model(num_classes=4, size="tiny", text_side=True))
-  text = glip_maple.text_width("tiny")
+  text = detector.text_width("tiny")
   assert with_text["upt_text/ffn_0/kernel"] == (text, glip_upt.TEXT_FFN_DIM)
   assert with_text["upt_text/sa_in_proj/kernel"] == (text, 3 * text)
   assert not any(k.startswith("upt_text") for k in param_shapes(

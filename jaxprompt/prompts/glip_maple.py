@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.models import bert, common
+from jaxprompt.models import common
 from jaxprompt.models.glip import detector, fusion
 from jaxprompt.prompts import glip_finetune
 
@@ -49,20 +49,6 @@ NEW_PARAMS = r"maple_lang_input|maple_coupling_proj"  # top-level names, kept by
 MAPLE = r"maple_lang_input|maple_coupling_proj/.*"
 MAPLE_AND_HEAD = MAPLE + "|" + detector.HEAD_OUTSIDE_FUSION
 TRAINABLE_SETS = {"maple": MAPLE, "maple_and_head": MAPLE_AND_HEAD}
-
-
-def swin_width(size: str) -> int:
-  """The Swin embedding width of a GLIP size (192 for 'L', 96 for 'T')."""
-  return detector.swin_trunk(size)["embed_dim"]
-
-
-def text_width(size: str) -> int:
-  return bert.decode_variant(detector.decode_size(size)["text"])["width"]
-
-
-def first_token_delta(vector, num_tokens: int):
-  """(T, D) rows that add `vector` (D,) to the first text position only (`text_delta`)."""
-  return jnp.zeros((num_tokens, vector.shape[-1]), vector.dtype).at[0].set(vector)
 
 
 class CouplingMlp(nn.Module):
@@ -98,11 +84,11 @@ class Model(detector.Model):
 
   @nn.compact
   def __call__(self, image, text_ids, text_mask, *, train: bool = False):
-    width = swin_width(self.size)
-    lang = self.param("maple_lang_input", _uniform_plus_minus_one, (text_width(self.size),))
+    width = detector.swin_trunk(self.size)["embed_dim"]
+    lang = self.param("maple_lang_input", _uniform_plus_minus_one, (detector.text_width(self.size),))
     coupled = CouplingMlp(self.coupling_hidden or width, width, self.dtype,
                           name="maple_coupling_proj")(lang)
-    text_delta = first_token_delta(lang, text_ids.shape[1]) if self.text_side else None
+    text_delta = detector.first_token_delta(lang, text_ids.shape[1]) if self.text_side else None
     return detector.Model.__call__(self, image, text_ids, text_mask, train=train,
                                    text_delta=text_delta, patch_delta=coupled)
 

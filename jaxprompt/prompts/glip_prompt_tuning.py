@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from jaxprompt.models import bert
 from jaxprompt.models.glip import detector
 from jaxprompt.prompts import glip_finetune
 
@@ -30,7 +29,7 @@ class Model(detector.Model):
 
   @nn.compact
   def __call__(self, image, text_ids, text_mask, *, train: bool = False):
-    width = bert.decode_variant(detector.decode_size(self.size)["text"])["width"]
+    width = detector.text_width(self.size)
     if text_ids.shape[1] > TABLE_ROWS:
       raise ValueError(f"GLIP prompt tuning: the table has {TABLE_ROWS} rows; the text has "
                        f"{text_ids.shape[1]} tokens.")

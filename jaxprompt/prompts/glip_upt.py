@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprompt.models.glip import detector, fusion
-from jaxprompt.prompts import glip_finetune, glip_maple
+from jaxprompt.prompts import glip_finetune
 
 NEW_PARAMS = r"upt_image|upt_text"  # top-level names, kept by the loader
 UPT = r"upt_(?:image|text)/.*"
@@ -93,13 +93,13 @@ class Model(detector.Model):
 
   @nn.compact
   def __call__(self, image, text_ids, text_mask, *, train: bool = False):
-    width = glip_maple.swin_width(self.size)
+    width = detector.swin_trunk(self.size)["embed_dim"]
     patch_delta = UnifiedPromptBlock(width, self.dtype, name="upt_image")(
         self.seed(0, width, train))[0]
     text_delta = None
     if self.text_side:
-      text = glip_maple.text_width(self.size)
-      text_delta = glip_maple.first_token_delta(
+      text = detector.text_width(self.size)
+      text_delta = detector.first_token_delta(
           UnifiedPromptBlock(TEXT_FFN_DIM, self.dtype, name="upt_text")(
               self.seed(1, text, train))[0], text_ids.shape[1])
     return detector.Model.__call__(self, image, text_ids, text_mask, train=train,

@@ -75,6 +75,16 @@ def swin_trunk(size: str) -> dict:
       "swin_variant"])
 
 
+def text_width(size: str) -> int:
+  """The language backbone's width of a GLIP size (768: bert-base)."""
+  return bert.decode_variant(decode_size(size)["text"])["width"]
+
+
+def first_token_delta(vector, num_tokens: int):
+  """(T, D) rows that add `vector` (D,) to the first text position only (a `text_delta`)."""
+  return jnp.zeros((num_tokens, vector.shape[-1]), vector.dtype).at[0].set(vector)
+
+
 def level_shapes(height: int, width: int, patch_size: int = 4) -> tuple[tuple[int, int], ...]:
   """(H_l, W_l) of P3..P7 for an input of height x width: Swin pads the image to the patch and
   odd sides before each merge (so each stride halves with ceil), P6 and P7 are 3x3 stride-2

@@ -42,6 +42,9 @@ def base_config(*, model_name: str, model: dict,
   config = ml_collections.ConfigDict()
   config.seed = 42
   config.mode = "train"  # or 'eval': evaluate the workdir's latest checkpoint
+  # mode='eval' without a checkpoint or model_init evaluates the random init only when set: the
+  # CLIP demos' zero-shot baseline on their random CLIP (a real run loads model_init).
+  config.eval_random_init = False
   config.model_name = model_name
   config.model = ml_collections.ConfigDict(model)
   config.model_init = ml_collections.ConfigDict({part: "" for part in model_init_parts}) \

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 
-from input_pipeline import coco_detection, odinw
+from input_pipeline import coco_detection, odinw, video_retrieval
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.embedded import ShapesSource
 from input_pipeline.embedded_clip import NamedShapesSource
 from input_pipeline.embedded_detection import DetectionShapesSource
 from input_pipeline.embedded_multilabel import MultilabelShapesSource
+from input_pipeline.embedded_video import MovingShapesSource
 from input_pipeline.fgvc import FGVC_DATASETS, FgvcSource
 from input_pipeline.folder import FolderSource
 from input_pipeline.hta import HTA_DATASETS, make_hta_source
@@ -56,10 +57,12 @@ SOURCES: dict = {
     "embedded/named_shapes": _in_memory(NamedShapesSource),
     "embedded/multilabel_lt": _in_memory(MultilabelShapesSource),
     "embedded/detection_shapes": _in_memory(DetectionShapesSource),
+    "embedded/moving_shapes": _in_memory(MovingShapesSource),
     "coco/2017": coco_detection.coco_2017,
     "lvis/v1": coco_detection.lvis_v1,
     "coco_json": coco_detection.coco_json,
     **odinw.odinw_sources(),
+    **video_retrieval.SOURCES,
 }
 SOURCE_NAMES = tuple(SOURCES)
 
@@ -96,11 +99,16 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     for GLIP (kwargs: vocab, max_text_len, separator, caption_prompts, extra_class_names for
     never-drawn names, lvis_fields for LVIS-style ground truth, and the per-image caption ones
     below).
+  embedded/moving_shapes: generated video clips of a moving square with motion captions, for
+    text-video retrieval (kwargs: num_frames, captions_per_video for multi-caption val/test).
   coco/2017, lvis/v1, coco_json: COCO-format json + image folders for GLIP (coco_detection.py;
     kwargs root= or data_dir=, or the json/image paths of coco_json; vocab, check_images,
     skip_bad_images, ...; per_image_captions, max_negatives, caption_seed: GLIP's per-image
     training captions with sampled negatives, on by themselves when the class list overflows the
     caption, as LVIS does).
+  msrvtt, vatex, lsmdc, activitynet: text-video retrieval from the datasets' usual csv/json
+    files and a folder of videos or frame folders (video_retrieval.py; kwargs root= or
+    data_dir=, video_dir, fps, folder_fps, check_videos, skip_bad_videos; msrvtt: train_csv).
   odinw/<dataset>: the ODinW-13/35 datasets in GLIP's DATASET/odinw layout (odinw.py; kwargs
     root= or data_dir=, vocab, version, shots, seed, override_category, caption_prompt, ...).
   """

@@ -22,10 +22,13 @@ can bucket: processes run the same shape in the same step and their batch counts
 which per-process grouping cannot guarantee, so with `process_count` > 1 it is an error (pad to a
 fixed canvas there: the pp op without size_divisible). Training streams ignore '_padded_size'.
 
-A batch carries 'image' and whichever of the source's declared `batch_keys` the examples have:
-'label' (single-label sources), 'labels' (multi-hot, multi-label sources), 'caption_tokens'
-(sources that tokenise captions), ...; other example keys (file names, caption strings) stay out
-of the batch.
+A batch carries whichever of 'image' (H, W, 3) and 'video' (T, H, W, 3: frames in time order)
+the examples have, and whichever of the source's declared `batch_keys` they have: 'label'
+(single-label sources), 'labels' (multi-hot, multi-label sources), 'caption_tokens' ((L,) per
+caption, or (C, L) with all-zero padding rows for a video's C captions), ...; other example keys
+(file names, caption strings) stay out of the batch. Evaluation needs a fixed image / video shape
+after preprocessing and pads videos like images (zero frames, '_mask' False); bucketing by
+'_padded_size' is for images only.
 """
 from __future__ import annotations
 
@@ -36,11 +39,16 @@ import tensorflow as tf
 from input_pipeline import base
 
 PADDED_SIZE_KEY = "_padded_size"  # an eval example's (h, w) to cut its image to and bucket on
+VISUAL_KEYS = ("image", "video")  # (H, W, 3) and (T, H, W, 3); a batch carries those it has
 
 
 def _batch_fields(example: dict, batch_keys: dict) -> dict:
-  """'image' and the declared `batch_keys` the example has, cast to their batch dtypes."""
-  fields = {"image": example["image"]}
+  """The example's 'image' / 'video' and the declared `batch_keys` it has, cast to their batch
+  dtypes."""
+  fields = {k: example[k] for k in VISUAL_KEYS if k in example}
+  if not fields:
+    raise ValueError(f"An example needs an 'image' or a 'video' to be batched; after "
+                     f"preprocessing its keys are {sorted(example)}.")
   fields.update({k: tf.cast(example[k], dtype) for k, dtype in batch_keys.items() if k in example})
   return fields
 
@@ -62,7 +70,8 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
                        *, global_batch_size: int, seed: int, start_step: int = 0,
                        process_index: int = 0, process_count: int = 1,
                        cache: bool = True) -> tf.data.Dataset:
-  """Endless batches {'image': (b, H, W, 3) f32, 'label': (b,) int32, ...}, b = global/processes."""
+  """Endless batches {'image': (b, H, W, 3) f32 or 'video': (b, T, H, W, 3) f32, 'label': (b,)
+  int32 / 'caption_tokens': (b, L) int32, ...}, b = global / processes."""
   batch = local_batch_size(global_batch_size, process_count)
   num_local = _host_counts(source, split, process_count)[process_index]
   if num_local == 0:
@@ -97,8 +106,9 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
 def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict],
                       *, global_batch_size: int, process_index: int = 0,
                       process_count: int = 1) -> tf.data.Dataset:
-  """One pass of batches {'image', 'label', '_mask': (b,) bool}, padded as described above (and
-  bucketed by image size when the examples carry '_padded_size')."""
+  """One pass of batches {'image' or 'video', 'label' / 'caption_tokens' / ..., '_mask': (b,)
+  bool}, padded as described above (and bucketed by image size when the examples carry
+  '_padded_size')."""
   batch = local_batch_size(global_batch_size, process_count)
   counts = _host_counts(source, split, process_count)
   num_batches = -(-max(counts) // batch)
@@ -112,12 +122,12 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
 
   ds = source.dataset(split, process_index=process_index, process_count=process_count)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  image_shape = ds.element_spec["image"].shape
-  if not image_shape.is_fully_defined():
-    raise ValueError(f"Evaluation batches need a fixed image size after preprocessing; got "
-                     f"{image_shape} for {source.name} split {split!r}.")
+  for key in VISUAL_KEYS:
+    if key in ds.element_spec and not ds.element_spec[key].shape.is_fully_defined():
+      raise ValueError(f"Evaluation batches need a fixed {key} shape after preprocessing; got "
+                       f"{ds.element_spec[key].shape} for {source.name} split {split!r}.")
   if PADDED_SIZE_KEY in ds.element_spec:
-    _check_single_process(source, split, process_count)
+    _check_bucketable(source, split, ds.element_spec, process_count)
     return _bucketed_by_size(ds, batch).prefetch(tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors(  # zeros everywhere, '_mask' False
       {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
@@ -129,16 +139,22 @@ def check_eval_buckets(source: base.DataSource, split: str, preprocess_fn: Calla
                        *, process_count: int) -> bool:
   """Whether `split`'s eval stream through `preprocess_fn` is bucketed by image size (its examples
   carry '_padded_size'), from the dataset graph alone (no data is read); a ValueError when it is
-  and `process_count` > 1, so that a run can refuse it before training rather than at its first
-  evaluation."""
+  and `process_count` > 1 or the examples are videos, so that a run can refuse it before training
+  rather than at its first evaluation."""
   spec = source.raw_dataset(split).map(lambda e: preprocess_fn(dict(source.decode(e))))
   bucketed = PADDED_SIZE_KEY in spec.element_spec
   if bucketed:
-    _check_single_process(source, split, process_count)
+    _check_bucketable(source, split, spec.element_spec, process_count)
   return bucketed
 
 
-def _check_single_process(source, split: str, process_count: int) -> None:
+def _check_bucketable(source, split: str, element_spec: dict, process_count: int) -> None:
+  if "image" not in element_spec:
+    raise ValueError(
+        f"{source.name} split {split!r}: the eval preprocessing sets {PADDED_SIZE_KEY!r} (e.g. "
+        f"pad_image(..., size_divisible=32)), which buckets images by padded size; these "
+        f"examples have no 'image' (keys: {sorted(element_spec)}). Videos are evaluated at one "
+        f"fixed (T, H, W, 3) shape: crop or resize them to it in config.pp.eval.")
   if process_count > 1:
     raise ValueError(
         f"{source.name} split {split!r}: the eval preprocessing sets {PADDED_SIZE_KEY!r} (e.g. "

@@ -1,11 +1,16 @@
 """The preprocessing ops of pp specs ('resize(224)|flip_lr|value_range(0, 1)|normalize(...)').
 
 Each op is registered in `pp_registry` and works on the example's 'image' (uint8 or float
-(H, W, C) from the data sources); the other keys pass through. Geometry follows torchvision,
-which the PyTorch seeds of VPT-on-FGVC, SA2VP, CoOp, RPL and LMPT use
-(`torchvision/transforms/transforms.py`): `resize_shorter_side` is `Resize(int)`, `center_crop`
-is `CenterCrop`, `random_resized_crop` is `RandomResizedCrop`. The op names and the
-`value_range` op follow google-research/big_vision `big_vision/pp/ops_image.py`.
+(H, W, C) from the data sources), or, in an example with no 'image', on every frame of its
+'video' (T, H, W, C; video sources): the frames go through the op at once as one batch (T leads,
+H, W, C are the last three axes), so frame t comes out as the image op would make it, and a
+random op draws once per video (every frame gets the same crop / flip). The other keys pass
+through. Geometry follows torchvision, which the PyTorch seeds of VPT-on-FGVC, SA2VP, CoOp, RPL
+and LMPT use (`torchvision/transforms/transforms.py`): `resize_shorter_side` is `Resize(int)`,
+`center_crop` is `CenterCrop`, `random_resized_crop` is `RandomResizedCrop`. The op names and
+the `value_range` op follow google-research/big_vision `big_vision/pp/ops_image.py`. DGL
+(knightyxp/DGL `dataloaders/decode.py` `RawVideoExtractorpyAV`) likewise center-crops and
+normalises a clip's (T, C, H, W) frames as one tensor.
 
   resize(size, method='bilinear', antialias=True)       exactly size (int or (h, w))
   resize_shorter_side(size, method='bilinear', antialias=True)
@@ -68,20 +73,41 @@ def _check_method(method: str) -> str:
   return method
 
 
+def visual_key(example: dict) -> str:
+  """'image' when the example has one, else 'video' (of static rank 4: (T, H, W, C)); a KeyError
+  when it has neither."""
+  if "image" in example:
+    return "image"
+  if "video" not in example:
+    raise KeyError(f"pp ops work on the example's 'image' or 'video'; its keys are "
+                   f"{sorted(example)}.")
+  shape = tf.convert_to_tensor(example["video"]).shape
+  if shape.rank != 4:
+    raise ValueError(f"pp ops take a 'video' of shape (T, H, W, C); got {shape}.")
+  return "video"
+
+
+def _crop_shape(image: tf.Tensor, crop_h: int, crop_w: int) -> tuple:
+  """The static shape of an (H, W, C) image's or (T, H, W, C) video's crop to (crop_h, crop_w)
+  (an image of unknown rank: (crop_h, crop_w, C))."""
+  leading = image.shape[:-3] if image.shape.rank is not None else ()
+  return (*leading, crop_h, crop_w, image.shape[-1])
+
+
 def _on_image(fn):
-  """fn(image) -> image as an op over the example dict."""
+  """fn(image) -> image as an op over the example dict; fn takes (..., H, W, C), so it maps the
+  'image', or the 'video' (T, H, W, C) as a batch of frames (see the module docstring)."""
 
   def op(example: dict) -> dict:
-    if "image" not in example:
-      raise KeyError(f"pp ops work on the example's 'image'; its keys are {sorted(example)}.")
-    return {**example, "image": fn(tf.convert_to_tensor(example["image"]))}
+    key = visual_key(example)
+    return {**example, key: fn(tf.convert_to_tensor(example[key]))}
 
   return op
 
 
 def resize_image(image: tf.Tensor, size_hw, method: str, antialias: bool) -> tf.Tensor:
-  """`tf.image.resize` (float32 out); an overshooting kernel on uint8 input is clipped to the
-  uint8 range, as PIL's uint8 output is."""
+  """`tf.image.resize` of an image (H, W, C) or frames (T, H, W, C) (float32 out); an
+  overshooting kernel on uint8 input is clipped to the uint8 range, as PIL's uint8 output is."""
   resized = tf.image.resize(image, size_hw, method, antialias=antialias)
   if image.dtype == tf.uint8 and method in _OVERSHOOTING_METHODS:
     resized = tf.clip_by_value(resized, 0.0, 255.0)
@@ -103,7 +129,7 @@ def resize_shorter_side(size: int, method: str = "bilinear", antialias: bool = T
 
   def fn(image):
     shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
     scale = size / tf.minimum(h, w)
     new_h = tf.where(h <= w, size, tf.cast(tf.math.floor(h * scale), tf.int32))
     new_w = tf.where(h <= w, tf.cast(tf.math.floor(w * scale), tf.int32), size)
@@ -120,29 +146,40 @@ def center_crop(size):
 
   def fn(image):
     shape = tf.shape(image)
-    top = tf.cast(tf.round(tf.cast(shape[0] - crop_h, tf.float32) / 2), tf.int32)
-    left = tf.cast(tf.round(tf.cast(shape[1] - crop_w, tf.float32) / 2), tf.int32)
-    return tf.ensure_shape(image[top:top + crop_h, left:left + crop_w],
-                           (crop_h, crop_w, image.shape[-1]))
+    top = tf.cast(tf.round(tf.cast(shape[-3] - crop_h, tf.float32) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[-2] - crop_w, tf.float32) / 2), tf.int32)
+    return tf.ensure_shape(image[..., top:top + crop_h, left:left + crop_w, :],
+                           _crop_shape(image, crop_h, crop_w))
 
   return _on_image(fn)
 
 
 @register("random_crop", random=True)
 def random_crop(size):
-  """A uniformly placed crop of `size` (`tf.image.stateless_random_crop`; torchvision
-  `RandomCrop`). The image must be at least `size`."""
+  """A uniformly placed crop of `size` (torchvision `RandomCrop`), drawn as
+  `tf.image.stateless_random_crop` draws it for an (H, W, C) image: one offset per axis,
+  uniform int32 modulo (H - crop_h + 1, W - crop_w + 1, 1). A video's frames share the draw. The
+  image must be at least `size`."""
   crop_h, crop_w = _size_hw(size)
 
   def op(example):
-    image = tf.convert_to_tensor(example["image"])
-    if image.shape.rank != 3:
+    key = visual_key(example)
+    image = tf.convert_to_tensor(example[key])
+    if key == "image" and image.shape.rank != 3:
       raise ValueError(f"random_crop expects an (H, W, C) image; got shape {image.shape}.")
-    channels = image.shape[-1]  # static when known, so the crop's shape is static too
-    crop_shape = ((crop_h, crop_w, channels) if channels is not None
-                  else tf.stack([crop_h, crop_w, tf.shape(image)[2]]))
-    return {**example, "image": tf.image.stateless_random_crop(image, crop_shape,
-                                                               example["_seed"])}
+    shape = tf.shape(image)
+    height, width = shape[-3], shape[-2]
+    check = tf.debugging.Assert((height >= crop_h) & (width >= crop_w),
+                                [f"random_crop({size!r}) needs an image of at least that size; "
+                                 "got (height, width)", height, width])
+    with tf.control_dependencies([check]):
+      limit = tf.stack([height - crop_h + 1, width - crop_w + 1, 1])
+    offset = tf.random.stateless_uniform([3], example["_seed"], maxval=tf.int32.max,
+                                         dtype=tf.int32) % limit
+    top, left = offset[0], offset[1]
+    crop = tf.ensure_shape(image[..., top:top + crop_h, left:left + crop_w, :],
+                           _crop_shape(image, crop_h, crop_w))
+    return {**example, key: crop}
 
   return op
 
@@ -156,10 +193,11 @@ def flip_lr(p: float = 0.5):
     raise ValueError(f"p={p!r}: expected a probability in [0, 1].")
 
   def op(example):
-    image = tf.convert_to_tensor(example["image"])
+    key = visual_key(example)
+    image = tf.convert_to_tensor(example[key])
     draw = tf.random.stateless_uniform([], seed=example["_seed"], minval=0, maxval=1.0)
-    flipped = tf.cond(draw < p, lambda: tf.reverse(image, [1]), lambda: image)
-    return {**example, "image": flipped}
+    flipped = tf.cond(draw < p, lambda: tf.reverse(image, [-2]), lambda: image)
+    return {**example, key: flipped}
 
   return op
 
@@ -222,12 +260,13 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method: s
     raise ValueError(f"ratio={ratio!r}: expected 0 < low <= high (width / height).")
 
   def op(example):
-    image = tf.convert_to_tensor(example["image"])
+    key = visual_key(example)
+    image = tf.convert_to_tensor(example[key])
     shape = tf.shape(image)
-    top, left, crop_h, crop_w = random_resized_crop_box(shape[0], shape[1], example["_seed"],
+    top, left, crop_h, crop_w = random_resized_crop_box(shape[-3], shape[-2], example["_seed"],
                                                         scale, ratio)
-    crop = image[top:top + crop_h, left:left + crop_w]
-    return {**example, "image": resize_image(crop, size_hw, method, antialias)}
+    crop = image[..., top:top + crop_h, left:left + crop_w, :]
+    return {**example, key: resize_image(crop, size_hw, method, antialias)}
 
   return op
 

@@ -4,7 +4,19 @@ and `pp/ops_text.py`).
 
   decode(channels=3)                  'image' as encoded bytes (JPEG, PNG, ...) -> uint8 (H, W, C)
   clip_tokenize(vocab_path, key='caption', out='caption_tokens', context_length=77,
-                truncate=True)        example[key] (a string) -> int32 (context_length,) ids
+                truncate=True, max_captions=None)
+                                      example[key] (a string) -> int32 (context_length,) ids;
+                                      (N,) strings -> (N, context_length); with max_captions=C
+                                      -> (C, context_length), all-zero rows after the last caption
+
+Multi-caption videos (VATEX): a test video's captions are all its queries. The original keeps
+every caption and pads the caption axis: knightyxp/DGL `dataloaders/dataloader_vatex_retrieval.py`
+lists every caption of a video, and `main.py` `eval_epoch` (ArrowLuo/CLIP4Clip
+`main_task_retrieval.py` alike) reshapes the caption x video similarity to (video, most
+captions of a video, video), padding each video's rows with -inf. So `max_captions=C` pads with
+all-zero rows (id 0 is never a real row's first id, which is <|startoftext|>), giving batches a
+static shape, and a video with more than C captions is an error rather than truncated
+(truncating would silently drop test queries).
 
 `clip_tokenize` is `jaxprompt.models.clip_tokenizer` (CLIP's own BPE, openai/CLIP
 `simple_tokenizer.py` through transformers' CLIPTokenizer) run inside tf.data; the vocabulary is
@@ -37,20 +49,37 @@ def decode(channels: int = 3):
 
 @register("clip_tokenize")
 def clip_tokenize(vocab_path: str, key: str = "caption", out: str = "caption_tokens",
-                  context_length: int = 77, truncate: bool = True):
-  """CLIP BPE ids of the text in `key`, written to `out` (see the module docstring)."""
+                  context_length: int = 77, truncate: bool = True,
+                  max_captions: int | None = None):
+  """CLIP BPE ids of the text (or texts) in `key`, written to `out` (see the module docstring)."""
+  if max_captions is not None and (not isinstance(max_captions, int)
+                                   or isinstance(max_captions, bool) or max_captions <= 0):
+    raise ValueError(f"max_captions={max_captions!r}: expected a positive int (or None).")
   # The text tower's vocabulary; imported here so the image pipeline needs no tokenizer.
   from jaxprompt.models import clip_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = clip_tokenizer.Tokenizer(vocab_path, context_length=context_length)
 
-  def tokenize(text: bytes) -> np.ndarray:
-    return tokenizer([text.decode("utf-8")], truncate=truncate)[0]
+  def tokenize(texts) -> np.ndarray:  # bytes, or an array of bytes (N,)
+    texts = np.asarray(texts)
+    ids = tokenizer([t.decode("utf-8") for t in texts.reshape(-1)], truncate=truncate)
+    if max_captions is None:
+      return ids.reshape(*texts.shape, context_length)
+    if len(ids) > max_captions:
+      raise ValueError(f"clip_tokenize(max_captions={max_captions}): {key!r} holds {len(ids)} "
+                       f"captions; raise max_captions to at least {len(ids)} (captions are not "
+                       f"dropped: each one is a retrieval query).")
+    return np.pad(ids, [(0, max_captions - len(ids)), (0, 0)])
 
   def op(example: dict) -> dict:
     if key not in example:
       raise KeyError(f"clip_tokenize reads {key!r}; the example's keys are {sorted(example)}.")
-    ids = tf.numpy_function(tokenize, [example[key]], tf.int32, stateful=False)
-    ids.set_shape([context_length])
+    texts = tf.convert_to_tensor(example[key])
+    if texts.dtype != tf.string or texts.shape.rank not in (0, 1):
+      raise ValueError(f"clip_tokenize reads a string or a vector of strings from {key!r}; got "
+                       f"{texts.dtype.name} of shape {texts.shape}.")
+    ids = tf.numpy_function(tokenize, [texts], tf.int32, stateful=False)
+    rows = [max_captions] if max_captions else texts.shape.as_list()
+    ids.set_shape([*rows, context_length])
     return {**example, out: ids}
 
   return op

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-# pp_ops_boxes and pp_ops_text are imported for their registrations.
-from input_pipeline import pp_ops, pp_ops_boxes, pp_ops_text, pp_registry  # noqa: F401
+# pp_ops_boxes, pp_ops_text and pp_ops_video are imported for their registrations.
+from input_pipeline import (pp_ops, pp_ops_boxes, pp_ops_text, pp_ops_video,  # noqa: F401
+                            pp_registry)
 
 IMAGENET_MEAN, IMAGENET_STD = pp_ops.IMAGENET_MEAN, pp_ops.IMAGENET_STD
 INCEPTION_MEAN, INCEPTION_STD = pp_ops.INCEPTION_MEAN, pp_ops.INCEPTION_STD

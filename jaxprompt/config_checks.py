@@ -81,6 +81,9 @@ def _get(config, dotted: str, default=None):
 def check_spine(config) -> None:
   """Every spine key the trainer reads, checked before the data or the model are built."""
   _require(config.get("mode") in ("train", "eval"), "mode", config.get("mode"), "'train' or 'eval'")
+  _require(not config.get("eval_random_init") or config.mode == "eval", "eval_random_init",
+           config.get("eval_random_init"), "False unless mode='eval' (training starts from the "
+           "random init anyway)")
   _require(config.get("compute_dtype", "float32") in COMPUTE_DTYPES, "compute_dtype",
            config.get("compute_dtype"), f"one of {COMPUTE_DTYPES}")
   _require(config.get("param_sharding", "replicate") in ("replicate", "fsdp"), "param_sharding",

@@ -279,9 +279,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if latest:
       state = exp.restored(state, latest[1])
       log(f"resumed from {ckpt.directory} at step {start_step}")
-    elif config.mode == "eval" and not config.get("model_init"):
+    elif config.mode == "eval" and not config.get("model_init") and \
+        not config.get("eval_random_init"):
       raise FileNotFoundError(f"mode='eval' needs a checkpoint in {ckpt.directory} or "
-                              f"config.model_init; found neither.")
+                              f"config.model_init (or config.eval_random_init=True to evaluate "
+                              f"the random init); found neither.")
     writer = writers.create_writer(workdir)
     final = {"step": start_step}
     patience = config.get("early_stop_patience", 0)
@@ -316,9 +318,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def headline_metrics(final: dict) -> dict[str, float]:
-  """The evaluation metrics a run's summary prints: accuracies, mAP, R@1 and box AP, by name."""
+  """The evaluation metrics a run's summary prints: accuracies, mAP, R@1/5/10 and box AP, by
+  name."""
   return {key: final[key] for key in sorted(final)
-          if key.endswith(("/accuracy", "mAP", "R@1", "/AP")) and not key.startswith("train/")}
+          if key.endswith(("/accuracy", "mAP", "R@1", "R@5", "R@10", "/AP"))
+          and not key.startswith("train/")}
 
 
 def _train_loop(exp: Experiment, state, start_step: int, ckpt, best, writer):

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from jaxprompt.evaluators import (classification, common, detection, multilabel, retrieval,
-                                  zeroshot)
+                                  video_retrieval, zeroshot)
 from jaxprompt.evaluators.common import EvalContext, Evaluator, eval_batches, from_config, run_all
 
 __all__ = ["EvalContext", "Evaluator", "classification", "common", "detection", "eval_batches",
-           "from_config", "multilabel", "retrieval", "run_all", "zeroshot"]
+           "from_config", "multilabel", "retrieval", "run_all", "video_retrieval", "zeroshot"]

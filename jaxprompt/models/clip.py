@@ -106,11 +106,13 @@ class ResidualAttentionBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, attention_fn=nn.dot_product_attention):
+    """`attention_fn`: the attention of the projected (B, L, heads, head_dim) queries, keys and
+    values (`nn.MultiHeadDotProductAttention`'s; DGL passes its global-local attention)."""
     y = _layer_norm("ln_1", self.dtype)(x)
     x = x + nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, deterministic=True, name="attn")(
-            y, y, mask=mask)
+        num_heads=self.num_heads, dtype=self.dtype, deterministic=True, attention_fn=attention_fn,
+        name="attn")(y, y, mask=mask)
     return x + Mlp(self.dtype, name="mlp")(_layer_norm("ln_2", self.dtype)(x))
 
 
@@ -143,7 +145,10 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False,
+               block_hook: Optional[common.BlockHook] = None):
+    """images (B, H, W, 3) -> (B, output_dim). `block_hook(i, block, x) -> x` runs instead of
+    block i (`Transformer`: deep prompts); ln_post and proj read token 0 of the last output."""
     del train  # no dropout, no batch statistics
     scale = self.width ** -0.5
     p = self.patch_size
@@ -158,7 +163,8 @@ class VisionTransformer(nn.Module):
                                       x.shape[1:])
     x = x + positional_embedding.astype(x.dtype)
     x = _layer_norm("ln_pre", self.dtype)(x)
-    x = Transformer(self.layers, self.num_heads, self.dtype, name="transformer")(x)
+    x = Transformer(self.layers, self.num_heads, self.dtype, name="transformer")(
+        x, block_hook=block_hook)
     x = _layer_norm("ln_post", self.dtype)(x[:, 0])
     proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim))
     return x @ proj.astype(x.dtype)
@@ -296,12 +302,16 @@ class Model(nn.Module):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)),
                                   ())
 
-  def encode_image(self, images, *, train: bool = False):
-    """images (B, H, W, 3), normalised with CLIP's mean/std -> unnormalised features (B, E)."""
+  def encode_image(self, images, *, train: bool = False, block_hook=None):
+    """images (B, H, W, 3), normalised with CLIP's mean/std -> unnormalised features (B, E).
+    `block_hook`: optional `(i, block, x) -> x` run instead of image block i (ViT towers)."""
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"CLIP expects images of shape (B, {self.image_size}, {self.image_size}, "
                        f"3) (NHWC); got {images.shape}.")
-    return self.visual(images.astype(self.dtype), train=train).astype(jnp.float32)
+    if block_hook is not None and self.is_resnet:
+      raise ValueError("block_hook needs a ViT image tower; this CLIP has a ResNet one.")
+    hook = {} if block_hook is None else {"block_hook": block_hook}
+    return self.visual(images.astype(self.dtype), train=train, **hook).astype(jnp.float32)
 
   def embed_tokens(self, token_ids):
     """(N, L) int ids -> token embeddings (N, L, text_width), without positional embeddings."""

@@ -8,10 +8,12 @@ transformer latent space (jaxprompt/prompts/dgl.py); the other DGL configs build
   python -m jaxprompt.main --config configs/dgl_msrvtt.py
   # The original's run (knightyxp/DGL scripts/msrvtt.sh), given the videos (3 fps transcodes or
   # originals), MSR-VTT's csv/json files and OpenAI's CLIP ViT-B/32 weights:
-  python -m jaxprompt.main --config configs/dgl_msrvtt.py:data=/data/msrvtt \
-      --config.model_init=ViT-B-32.pt --config.model.vocab_path=bpe_simple_vocab_16e6.txt.gz
+  python -m jaxprompt.main \
+      --config configs/dgl_msrvtt.py:data=/data/msrvtt,vocab=bpe_simple_vocab_16e6.txt.gz \
+      --config.model_init=ViT-B-32.pt
 
 Arguments: data (the dataset folder, see input_pipeline/video_retrieval.py; default: the demo),
+vocab (CLIP's BPE vocabulary, needed with data: captions are tokenised in the input pipeline),
 method (dgl; the baselines in the same harness: zeroshot = CLIP mean-pooled over frames, untrained;
 clip4clip = CLIP4Clip meanP full fine-tuning; vpt_coop = VPT-deep frame prompts + CoOp text
 context, the "separate prompts" baseline), latent (transformer | linear), variant (CLIP ViT),
@@ -24,7 +26,8 @@ global grad-norm clipping 1.0, contrastive batch 512 (128 x 4 GPUs), 5 epochs, 1
 (TSN segments for training, segment centres for test), captions of 32 tokens, the test split
 evaluated after every epoch and the best epoch by its T2V R@1 kept (`config.keep_best`). DGL's
 schedule floors the lr at 1e-8; ours ends the cosine at `min_lr` 1e-8 (a difference below 1e-8).
-CLIP4Clip's full fine-tuning trains CLIP at lr x coef_lr = 1e-7 x ... see `METHODS`.
+method=clip4clip follows ArrowLuo/CLIP4Clip's README run instead: CLIP trained at lr 1e-4 x
+coef_lr 1e-3 = 1e-7 (the demo: its lr x 1e-3), under the same schedule.
 
 Paper (arXiv 2401.10588, Fig. 1b; ViT-B/32): MSR-VTT T2V R@1 45.8 (transformer, 9.57 M trained
 parameters) and 44.7 (linear, 0.83 M); CLIP4Clip full fine-tuning 43.1, VPT 42.0.
@@ -35,12 +38,14 @@ import ml_collections
 
 from configs import common
 
-# config.model_name and trained set of each method argument.
+# config.model_name of each method argument.
 METHODS = {"dgl": "prompts.dgl", "zeroshot": "prompts.clip4clip",
            "clip4clip": "prompts.clip4clip", "vpt_coop": "prompts.video_vpt_coop"}
 DEMO_VARIANTS = ("method=dgl", "method=zeroshot")
 # The demo: tiny CLIP, 8 of the generated clips' 16 frames, batch 32, short training.
 DEMO = dict(frames=8, batch=32, lr=1e-2, epochs=40)
+CLIP4CLIP_LR = 1e-4  # ArrowLuo/CLIP4Clip README, MSR-VTT meanP
+DEMO_WORDS = 32  # the tiny CLIP's context; the demo's captions take at most 30 tokens
 DEMO_CAPTIONS = 3  # captions per demo clip in the multi-sentence (VATEX) demo
 
 
@@ -57,7 +62,7 @@ def build(arg, *, dataset: str, latent: str, lr: float, epochs: int, batch: int,
   test split's captions per video, the multi-sentence protocol), overridden by the config
   arguments (module docstring)."""
   arg = common.parse_arg(arg, data="", vocab="", method="dgl", latent=latent, variant="ViT-B/32",
-                         frames=0, words=words, batch=0, lr=0.0, epochs=0, runlocal=False)
+                         frames=0, words=0, batch=0, lr=0.0, epochs=0, runlocal=False)
   if arg.method not in METHODS:
     raise ValueError(f"method={arg.method!r}: expected one of {sorted(METHODS)}.")
   demo = not arg.data
@@ -66,6 +71,7 @@ def build(arg, *, dataset: str, latent: str, lr: float, epochs: int, batch: int,
                      "captions are tokenised in the input pipeline with the model's vocabulary.")
   settings = DEMO if demo else dict(frames=frames, batch=batch, lr=lr, epochs=epochs)
   frames = arg.frames or settings["frames"]
+  words = arg.words or (DEMO_WORDS if demo else words)
   epochs = arg.epochs or settings["epochs"]
   model = dict(variant=arg.variant, vocab_path=arg.vocab, num_frames=frames)
   if arg.method == "dgl":
@@ -75,8 +81,8 @@ def build(arg, *, dataset: str, latent: str, lr: float, epochs: int, batch: int,
       "adamw", lr=arg.lr or settings["lr"], weight_decay=0.2, no_weight_decay=r".*bias.*",
       grad_clip_norm=1.0, warmup_epochs=0.1 * epochs, warmup_init=1e-8, min_lr=1e-8)
   config.optim.b1, config.optim.b2, config.optim.eps = 0.9, 0.98, 1e-6
-  if arg.method == "clip4clip":  # CLIP4Clip trains CLIP at lr x coef_lr (1e-3)
-    config.optim.lr *= 1e-3
+  if arg.method == "clip4clip":  # CLIP at lr x coef_lr (1e-3); CLIP4Clip's README: lr 1e-4
+    config.optim.lr = (arg.lr or (settings["lr"] if demo else CLIP4CLIP_LR)) * 1e-3
   config.num_epochs = epochs
   config.batch_size = arg.batch or settings["batch"]
   config.train_split = "train"
@@ -104,7 +110,7 @@ def build(arg, *, dataset: str, latent: str, lr: float, epochs: int, batch: int,
     config.dataset_kwargs = ml_collections.ConfigDict(dict(root=arg.data, fps=3))
     config.eval_batch_size = 16
     crop, vocab = "center_crop(224)|", arg.vocab
-  tail = f"value_range(0, 1)|normalize('clip')|clip_tokenize({vocab!r}, context_length={arg.words}"
+  tail = f"value_range(0, 1)|normalize('clip')|clip_tokenize({vocab!r}, context_length={words}"
   config.pp = ml_collections.ConfigDict(dict(
       train=f"sample_frames_{train_sampling}({frames})|{crop}{tail})",
       eval=f"sample_frames_centre({frames})|{crop}{tail}" +

@@ -1,6 +1,10 @@
 """Helpers shared by the tests (import them with `from conftest import ...`): a tiny VPT config
 with overrides, the first training batches of an experiment, a few real train steps, and the
-check that only trainable params changed."""
+check that only trainable params changed, and a script run on N forced CPU devices."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from configs import vpt_vtab
@@ -44,3 +48,15 @@ def assert_only_trainable_changed(before: dict, after: dict, labels: dict) -> No
     same_bits = np.array_equal(np.asarray(value).view(np.uint32),
                                np.asarray(before[name]).view(np.uint32))
     assert same_bits == (labels[name] == optim.FROZEN), name
+
+
+def run_on_cpu_devices(code: str, devices: int) -> str:
+  """Runs `code` in a fresh Python with `devices` forced host CPU devices, the repository and
+  tests/ importable; returns its stdout, or fails the test with the tail of its output."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc.stdout

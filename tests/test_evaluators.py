@@ -2,9 +2,6 @@
 computation of its metric, with junk padding rows ('_mask' False) that must not count; the
 registry's errors; zero-shot on the real tiny CLIP; retrieval against numpy argsort; the same on
 4 devices."""
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +16,7 @@ from jaxprompt import sharding
 from jaxprompt.evaluators import common, multilabel, retrieval, zeroshot
 from jaxprompt.models import clip
 from jaxprompt.prompts import coop
+from conftest import run_on_cpu_devices  # pylint: disable=import-error
 
 NAMES = ("cat", "big_dog", "red square")
 
@@ -364,9 +362,4 @@ print("OK")
 
 def test_evaluators_on_4_devices_match_numpy():
   """Batches split over 4 devices (padding rows on some of them), metrics replicated back."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
-  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_CHECK], cwd=repo, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "OK" in run_on_cpu_devices(MULTI_DEVICE_CHECK, 4)

@@ -21,6 +21,7 @@ from jaxprompt import optim, rpl_pipeline, train, writers
 from jaxprompt.evaluators import retrieval
 from jaxprompt.models import clip
 from jaxprompt.prompts import coop, rpl
+from conftest import run_on_cpu_devices  # pylint: disable=import-error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = ("aerosol_can_which_is_a_dispenser_under_pressure", "big_dog_which_is_a_canine",
@@ -245,11 +246,7 @@ print("OK")
 
 
 def test_sharded_top_k_on_8_devices_matches_numpy_argsort():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", TOP_K_CHECK], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "OK" in run_on_cpu_devices(TOP_K_CHECK, 8)
 
 
 def test_top_k_on_one_device():

@@ -7,9 +7,6 @@ end to end on fake embedders with padding rows, on 1 device and on 8 devices wit
 blocks."""
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -18,6 +15,7 @@ import pytest
 
 from jaxprompt import sharding
 from jaxprompt.evaluators import common, video_retrieval
+from conftest import run_on_cpu_devices  # pylint: disable=import-error
 
 KS = (1, 2, 5)
 
@@ -331,13 +329,7 @@ print("RESULT" + json.dumps({"multi": t.end_to_end_metrics(True),
 
 
 def test_eight_devices_and_row_blocks_give_identical_numbers():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
-  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=repo, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  eight = json.loads(proc.stdout.split("RESULT")[-1])
+  eight = json.loads(run_on_cpu_devices(EIGHT_DEVICES, 8).split("RESULT")[-1])
   assert eight == {"multi": end_to_end_metrics(True), "single": end_to_end_metrics(False)}
 
 

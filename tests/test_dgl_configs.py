@@ -1,12 +1,15 @@
 """The DGL configs (configs/dgl_*.py): every method and benchmark resolves to a checked config whose
 pp specs build; the demos train and evaluate end to end (single- and multi-sentence); the
-zero-shot baseline evaluates the random init only when asked to; real data needs a vocabulary."""
+zero-shot baseline evaluates the random init only when asked to; real data needs a vocabulary; the
+contrastive loss spans the global batch on 8 devices."""
 import importlib
+import json
 
 import pytest
 
 from input_pipeline import preprocess
 from jaxprompt import config_checks, train
+from conftest import run_on_cpu_devices  # pylint: disable=import-error
 
 BENCHMARKS = ("msrvtt", "vatex", "lsmdc", "activitynet")
 METHODS = ("dgl", "zeroshot", "clip4clip", "vpt_coop")
@@ -84,3 +87,33 @@ def test_zero_shot_evaluates_the_random_init_only_when_asked(tmp_path):
   config.eval_random_init = True
   with pytest.raises(config_checks.ConfigError, match="eval_random_init"):
     config_checks.check_spine(config)
+
+
+EIGHT_DEVICES = r"""
+import json
+from configs import dgl_msrvtt
+from input_pipeline import pipeline
+from jaxprompt import sharding, train
+
+def losses(num_devices, steps=3):
+  config = dgl_msrvtt.get_config("runlocal")
+  config.mesh.num_devices = num_devices
+  exp = train.build(config)
+  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
+                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
+  state, out = exp.state, []
+  for _ in range(steps):
+    state, metrics = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
+    out.append(float(metrics["loss"]))
+  return out
+
+print("RESULT" + json.dumps({"single": losses(1), "eight": losses(8)}))
+"""
+
+
+def test_the_contrastive_loss_spans_the_global_batch_on_8_devices():
+  """One video per device: the InfoNCE over the 8 x 8 global similarity equals the 1-device run's
+  (a per-device similarity would be 1 x 1, a zero loss)."""
+  result = json.loads(run_on_cpu_devices(EIGHT_DEVICES, 8).split("RESULT")[-1])
+  assert min(result["single"]) > 0.5
+  assert max(abs(a - b) for a, b in zip(result["single"], result["eight"])) <= 1e-4, result

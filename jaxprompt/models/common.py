@@ -17,10 +17,15 @@ allow_pickle=False, `torch.load` with weights_only=True, and TorchScript archive
 records instead of `torch.jit.load` (that compiles the archive's code and runs its `__setstate__`
 methods). Whatever goes wrong while reading (a truncated download, another format, a pickled
 object), the error is one ValueError naming the file and the format that was expected.
+
+Also shared by the models and methods: the argument checks (`require`), the block hook of deep
+prompts (`BlockHook`), and PyTorch's default nn.Linear initialisers (`torch_linear_kernel_init`,
+`torch_linear_bias_init`) for new layers that must start as the originals' do.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import re
@@ -29,6 +34,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -490,3 +497,15 @@ BlockHook = Callable[[int, Callable, Any], Any]
 def run_block(index: int, block: Callable, x, hook: BlockHook | None):
   """`block(x)`, or `hook(index, block, x)` when there is a hook."""
   return block(x) if hook is None else hook(index, block, x)
+
+
+def torch_linear_kernel_init():
+  """PyTorch's default nn.Linear / nn.Conv2d weight init (kaiming-uniform, a=sqrt(5)):
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over a (fan_in, fan_out) kernel."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int):
+  """PyTorch's default nn.Linear / nn.Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda rng, shape, dtype=jnp.float32: jax.random.uniform(rng, shape, dtype, -bound, bound)

@@ -75,7 +75,6 @@ import jax.numpy as jnp
 
 from jaxprompt import method
 from jaxprompt.models import clip, common
-from jaxprompt.models.glip import fusion
 from jaxprompt.prompts import clip4clip, coop, vpt
 
 # Parameters that train: the shared latent space and the global prompts; CLIP stays frozen.
@@ -137,8 +136,8 @@ class TorchMlp(nn.Module):
 
 
 def _torch_dense(features: int, fan_in: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=fusion.torch_linear_kernel_init(),
-                  bias_init=fusion.torch_linear_bias_init(fan_in), name=name)
+  return nn.Dense(features, dtype=dtype, kernel_init=common.torch_linear_kernel_init(),
+                  bias_init=common.torch_linear_bias_init(fan_in), name=name)
 
 
 class PromptTransformerBlock(nn.Module):
@@ -155,7 +154,7 @@ class PromptTransformerBlock(nn.Module):
     x = x + nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, deterministic=True,
         kernel_init=vpt.uniform_init(math.sqrt(6.0 / (width + 3 * width))),
-        out_kernel_init=fusion.torch_linear_kernel_init(), bias_init=nn.initializers.zeros,
+        out_kernel_init=common.torch_linear_kernel_init(), bias_init=nn.initializers.zeros,
         name="attn")(y, y)
     y = nn.LayerNorm(epsilon=clip.LAYER_NORM_EPS, dtype=self.dtype, name="ln_2")(x)
     return x + TorchMlp(4 * width, width, self.dtype, name="mlp")(y)

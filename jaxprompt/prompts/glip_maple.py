@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprompt.models import common
-from jaxprompt.models.glip import detector, fusion
+from jaxprompt.models.glip import detector
 from jaxprompt.prompts import glip_finetune
 
 NEW_PARAMS = r"maple_lang_input|maple_coupling_proj"  # top-level names, kept by the loader
@@ -61,7 +61,7 @@ class CouplingMlp(nn.Module):
   def __call__(self, x):
     dense = lambda features, name: nn.Dense(
         features, use_bias=False, dtype=self.dtype, name=name,
-        kernel_init=fusion.torch_linear_kernel_init())
+        kernel_init=common.torch_linear_kernel_init())
     return nn.relu(dense(self.out_dim, "fc2")(nn.relu(dense(self.hidden_dim, "fc1")(x))))
 
 

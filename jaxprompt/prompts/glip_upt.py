@@ -45,7 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.models.glip import detector, fusion
+from jaxprompt.models import common
+from jaxprompt.models.glip import detector
 from jaxprompt.prompts import glip_finetune
 
 NEW_PARAMS = r"upt_image|upt_text"  # top-level names, kept by the loader
@@ -71,13 +72,13 @@ class UnifiedPromptBlock(nn.Module):
     q, k, v = jnp.split(in_proj(seeds), 3, axis=-1)
     probs = nn.softmax((q * width ** -0.5) @ k.T, axis=-1)  # one head of width E
     attended = nn.Dense(width, dtype=self.dtype, name="sa_out_proj",
-                        kernel_init=fusion.torch_linear_kernel_init(),
+                        kernel_init=common.torch_linear_kernel_init(),
                         bias_init=nn.initializers.zeros)(probs @ v)
     u0 = attended + ln(seeds)
     normed = ln(u0)
     dense = lambda features, fan_in, name: nn.Dense(
-        features, dtype=self.dtype, name=name, kernel_init=fusion.torch_linear_kernel_init(),
-        bias_init=fusion.torch_linear_bias_init(fan_in))
+        features, dtype=self.dtype, name=name, kernel_init=common.torch_linear_kernel_init(),
+        bias_init=common.torch_linear_bias_init(fan_in))
     hidden = nn.relu(dense(self.ffn_dim, width, "ffn_0")(normed))
     return dense(width, self.ffn_dim, "ffn_2")(hidden) + normed
 

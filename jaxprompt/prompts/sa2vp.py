@@ -31,11 +31,9 @@ Deliberate choices (numerically identical to the reference while the backbone is
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,12 +63,6 @@ def local_attention_mask(grid_height: int, grid_width: int, *, cls_token: bool =
   mask[0, :] = True
   mask[1:, 1:] = near
   return mask
-
-
-def _torch_linear_bias_init(fan_in: int):
-  """PyTorch's default nn.Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _low_rank_dense(width: int, dtype, name: str) -> nn.Dense:
@@ -187,7 +179,7 @@ class Model(nn.Module):
     image, prompt = encoder(tokens, grid=grid, deterministic=not train)
     head = nn.Dense(self.num_classes, dtype=self.dtype,
                     kernel_init=nn.initializers.normal(stddev=0.02),
-                    bias_init=_torch_linear_bias_init(v["width"]), name="head")
+                    bias_init=common.torch_linear_bias_init(v["width"]), name="head")
     logits, prompt_logits = head(image[:, 0]), head(prompt[:, 0])
     return logits.astype(jnp.float32), {"prompt_logits": prompt_logits.astype(jnp.float32),
                                         "pre_logits": image[:, 0]}

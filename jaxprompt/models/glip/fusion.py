@@ -95,18 +95,6 @@ def clamp(x, clamp_min: bool = True, clamp_max: bool = True):
   return x
 
 
-def torch_linear_kernel_init():
-  """PyTorch's default nn.Linear / nn.Conv2d weight init (kaiming-uniform, a=sqrt(5)):
-  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over a (fan_in, fan_out) kernel."""
-  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_linear_bias_init(fan_in: int):
-  """PyTorch's default nn.Linear / nn.Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return lambda rng, shape, dtype=jnp.float32: jax.random.uniform(rng, shape, dtype, -bound, bound)
-
-
 # ---------------------------------------------------------------------------------------------
 # Bi-directional attention (VLFuse "MHA-B").
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +382,7 @@ class _ClampedSelfAttention(nn.Module):
   def __call__(self, x, lang_mask, *, deterministic: bool):
     width = x.shape[-1]
     heads, head_dim = self.num_heads, width // self.num_heads
-    kernel_init, bias_init = torch_linear_kernel_init(), torch_linear_bias_init(width)
+    kernel_init, bias_init = common.torch_linear_kernel_init(), common.torch_linear_bias_init(width)
     project = lambda name: nn.DenseGeneral((heads, head_dim), dtype=self.dtype,
                                            kernel_init=kernel_init, bias_init=bias_init, name=name)
     # (B, L, H, D/H) -> (B, H, L, D/H)
@@ -435,8 +423,8 @@ class ClampedBertLayer(nn.Module):
                        f"{hidden.shape[:2]}.")
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     dense = lambda n, fan_in, name: nn.Dense(
-        n, dtype=self.dtype, kernel_init=torch_linear_kernel_init(),
-        bias_init=torch_linear_bias_init(fan_in), name=name)
+        n, dtype=self.dtype, kernel_init=common.torch_linear_kernel_init(),
+        bias_init=common.torch_linear_bias_init(fan_in), name=name)
     drop = lambda y: vit.Dropout(self.dropout)(y, deterministic=deterministic)
     y = _ClampedSelfAttention(self.num_heads, self.attention_dropout, self.clamp_attention_min,
                               self.clamp_attention_max, self.dtype, name="attention")(

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprompt.models import common
 from jaxprompt.models.glip import fusion
 
 
@@ -89,8 +90,8 @@ class PredictionHeads(nn.Module):
     embedding = lang_hidden.astype(jnp.float32)
     embedding = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=-1, keepdims=True), 1e-12)
     proj_tokens = nn.Dense(channels, dtype=self.dtype,
-                           kernel_init=fusion.torch_linear_kernel_init(),
-                           bias_init=fusion.torch_linear_bias_init(lang_dim),
+                           kernel_init=common.torch_linear_kernel_init(),
+                           bias_init=common.torch_linear_bias_init(lang_dim),
                            name="dot_product_projection_text")(embedding / 2.0)  # (B, T, C)
     bias_lang = self.param("bias_lang", nn.initializers.zeros, (lang_dim,))
     bias0 = self.param("bias0", nn.initializers.constant(prior_bias), (1,))

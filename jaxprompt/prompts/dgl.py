@@ -94,7 +94,7 @@ def global_local_attention(query, key, value, *, num_global: int, num_frames: in
   T = 64 (S = 4 + 64 · 54 = 3,460): the scores of the frame rows (T, H, 54, 58) 9.2 MiB and of
   the global rows (H, 4, S) 0.6 MiB, beside q, k, v 30.4 MiB; a dense S x S mask would need
   548 MiB of scores (XLA's temporaries for one frozen block, forward: 81 MiB here, 1,096 MiB
-  dense; forward and backward: 261 MiB, 2,303 MiB).
+  dense; forward and backward to the block input: 312 MiB, 2,262 MiB; `benchmarks/dgl.py`).
   """
   del dtype  # computed in the inputs' dtype, as `nn.dot_product_attention`
   batch, length, heads, depth = query.shape

@@ -37,8 +37,8 @@ What is timed:
     per-core cost that bounds the pipeline. The pipeline runs alone, not beside the step.
 
 Flags: --batch_size, --steps, --image_size, --matmul_size and --variant are
-`benchmarks/train_step.py`'s (imported by path, as `benchmarks/glip.py` does; its --config is not
-used), with defaults 32, 2, 224, 2048 and 'ViT-B/32'; --frames (T, 12), --latent
+`benchmarks/train_step.py`'s (imported as a module, as `benchmarks/glip.py` does; its --config is
+not used), with defaults 32, 2, 224, 2048 and 'ViT-B/32'; --frames (T, 12), --latent
 (transformer | linear), --words (32), --parts (pipeline, attention, step), --memory_budget_gib,
 --attention_frames (64), --num_videos (32), --video_seconds (10), --video_fps (30), --video_size
 (320,240), --pipeline_batch (8). Peak memory on CPU is the process's maximum RSS, so it is the
@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import json
 import os
 import resource
@@ -101,6 +100,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks import train_step as bench  # noqa: E402  (its helpers; also defines its flags)
 from configs import dgl_msrvtt  # noqa: E402
 from input_pipeline import embedded_clip, pipeline, video  # noqa: E402
 from jaxprompt import sharding, train  # noqa: E402
@@ -108,15 +108,6 @@ from jaxprompt.models import clip  # noqa: E402
 from jaxprompt.prompts import dgl  # noqa: E402
 
 
-def _load_train_step_benchmark():
-  spec = importlib.util.spec_from_file_location(
-      "benchmarks_train_step", os.path.join(REPO, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # also defines its flags, reused below
-  return module
-
-
-bench = _load_train_step_benchmark()
 FLAGS = flags.FLAGS
 FLAGS.set_default("batch_size", 32)
 FLAGS.set_default("steps", 2)

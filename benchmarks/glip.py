@@ -39,13 +39,12 @@ are used), and the batch is synthetic with the spec's keys and shapes (image, te
 text_mask, boxes, box_labels, box_mask, positive_map, image_size, orig_size, image_id).
 
 Measurement helpers (best_seconds, matmul_peak_flops, peak_memory_bytes) and the flags
---batch_size, --image_size, --steps, --matmul_size are `benchmarks/train_step.py`'s, imported by
-path (its --config and --variant are not used here). Peak memory on CPU is the process's maximum
+--batch_size, --image_size, --steps, --matmul_size are `benchmarks/train_step.py`'s, imported as a
+module (its --config and --variant are not used here). Peak memory on CPU is the process's maximum
 RSS, so it is the peak over everything run before the line that prints it.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -59,6 +58,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks import train_step as bench  # noqa: E402  (its helpers; also defines its flags)
 import input_pipeline  # noqa: E402
 from configs import glip_coco  # noqa: E402
 from input_pipeline import detection, embedded_detection, pipeline  # noqa: E402
@@ -68,15 +68,6 @@ from jaxprompt.models.glip import deform_conv, detector, dyconv, fusion, inferen
 from jaxprompt.prompts import glip_finetune, sdpt  # noqa: E402
 
 
-def _load_train_step_benchmark():
-  spec = importlib.util.spec_from_file_location(
-      "benchmarks_train_step", os.path.join(REPO, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # also defines its flags, reused below
-  return module
-
-
-bench = _load_train_step_benchmark()
 FLAGS = flags.FLAGS
 FLAGS.set_default("batch_size", 1)
 FLAGS.set_default("image_size", 256)

@@ -9,7 +9,10 @@ no example is dropped for good; every batch is full.
 
 Evaluation (`make_eval_dataset`): one pass, every example of the split exactly once over all
 hosts; the last batch is padded with '_mask' = False examples, and every host yields the same
-number of batches (hosts with fewer examples add whole masked batches).
+number of batches (hosts with fewer examples add whole masked batches). Evaluation examples have
+no '_seed', so random pp ops refuse to run on them, unless the caller opts in with
+`augment_seed` (test-time augmentation, e.g. TPT's `tta_views`): then example i of the split
+draws from a seed folded from (augment_seed, i), the same whatever the batch size or host split.
 
 Shape-bucketed evaluation: examples that carry '_padded_size' (int32 (h, w), set by a pp op such
 as `pad_image(H, W, size_divisible=32)`, which pads the image to its fixed (H, W) canvas) are
@@ -39,16 +42,18 @@ import tensorflow as tf
 from input_pipeline import base
 
 PADDED_SIZE_KEY = "_padded_size"  # an eval example's (h, w) to cut its image to and bucket on
-VISUAL_KEYS = ("image", "video")  # (H, W, 3) and (T, H, W, 3); a batch carries those it has
+# (H, W, 3), (T, H, W, 3) and (V, H, W, 3) test-time views (pp op tta_views); a batch carries
+# those it has
+VISUAL_KEYS = ("image", "video", "views")
 
 
 def _batch_fields(example: dict, batch_keys: dict) -> dict:
-  """The example's 'image' / 'video' and the declared `batch_keys` it has, cast to their batch
-  dtypes."""
+  """The example's 'image' / 'video' / 'views' and the declared `batch_keys` it has, cast to their
+  batch dtypes."""
   fields = {k: example[k] for k in VISUAL_KEYS if k in example}
   if not fields:
-    raise ValueError(f"An example needs an 'image' or a 'video' to be batched; after "
-                     f"preprocessing its keys are {sorted(example)}.")
+    raise ValueError(f"An example needs an 'image' or a 'video' (or the 'views' of tta_views) to "
+                     f"be batched; after preprocessing its keys are {sorted(example)}.")
   fields.update({k: tf.cast(example[k], dtype) for k, dtype in batch_keys.items() if k in example})
   return fields
 
@@ -104,16 +109,28 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
 
 
 def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict],
-                      *, global_batch_size: int, process_index: int = 0,
-                      process_count: int = 1) -> tf.data.Dataset:
-  """One pass of batches {'image' or 'video', 'label' / 'caption_tokens' / ..., '_mask': (b,)
-  bool}, padded as described above (and bucketed by image size when the examples carry
-  '_padded_size')."""
+                      *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                      augment_seed: int | None = None) -> tf.data.Dataset:
+  """One pass of batches {'image' / 'video' / 'views', 'label' / 'caption_tokens' / ...,
+  '_mask': (b,) bool}, padded as described above (and bucketed by image size when the examples
+  carry '_padded_size').
+
+  augment_seed: None (the default) gives examples no '_seed', so a random pp op is an error.
+  An int opts in to random evaluation ops (test-time augmentation: `tta_views`): example i of
+  the split gets '_seed' = stateless_fold_in((augment_seed, 0), i), so its draws depend only on
+  augment_seed and i, not on the batch size or the host split."""
+  if augment_seed is not None and (not isinstance(augment_seed, int)
+                                   or isinstance(augment_seed, bool)):
+    raise ValueError(f"augment_seed={augment_seed!r}: expected None or an int.")
   batch = local_batch_size(global_batch_size, process_count)
   counts = _host_counts(source, split, process_count)
   num_batches = -(-max(counts) // batch)
+  first_index = sum(counts[:process_index])  # this host's block starts there in the split
 
-  def prepare(example):
+  def prepare(index, example):
+    if augment_seed is not None:
+      example = {**example, "_seed": tf.random.experimental.stateless_fold_in(
+          tf.constant([augment_seed, 0], tf.int64), index)}
     example = preprocess_fn(example)
     fields = {**_batch_fields(example, source.batch_keys), "_mask": tf.constant(True)}
     if PADDED_SIZE_KEY in example:
@@ -121,7 +138,8 @@ def make_eval_dataset(source: base.DataSource, split: str, preprocess_fn: Callab
     return fields
 
   ds = source.dataset(split, process_index=process_index, process_count=process_count)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.enumerate(first_index).map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+                                     deterministic=True)
   for key in VISUAL_KEYS:
     if key in ds.element_spec and not ds.element_spec[key].shape.is_fully_defined():
       raise ValueError(f"Evaluation batches need a fixed {key} shape after preprocessing; got "

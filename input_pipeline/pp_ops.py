@@ -4,7 +4,8 @@ Each op is registered in `pp_registry` and works on the example's 'image' (uint8
 (H, W, C) from the data sources), or, in an example with no 'image', on every frame of its
 'video' (T, H, W, C; video sources): the frames go through the op at once as one batch (T leads,
 H, W, C are the last three axes), so frame t comes out as the image op would make it, and a
-random op draws once per video (every frame gets the same crop / flip). The other keys pass
+random op draws once per video (every frame gets the same crop / flip). The test-time 'views'
+(V, H, W, C) of `pp_ops_tta.tta_views` go through the ops the same way. The other keys pass
 through. Geometry follows torchvision, which the PyTorch seeds of VPT-on-FGVC, SA2VP, CoOp, RPL
 and LMPT use (`torchvision/transforms/transforms.py`): `resize_shorter_side` is `Resize(int)`,
 `center_crop` is `CenterCrop`, `random_resized_crop` is `RandomResizedCrop`. The op names and
@@ -49,6 +50,7 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
 RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian",
                   "mitchellcubic")
 _OVERSHOOTING_METHODS = ("bicubic", "lanczos3", "lanczos5", "mitchellcubic")
+STACKED_KEYS = {"video": "(T, H, W, C)", "views": "(V, H, W, C)"}  # ops treat them alike
 
 
 def _size_hw(size, what: str = "size") -> tuple[int, int]:
@@ -74,17 +76,18 @@ def _check_method(method: str) -> str:
 
 
 def visual_key(example: dict) -> str:
-  """'image' when the example has one, else 'video' (of static rank 4: (T, H, W, C)); a KeyError
-  when it has neither."""
+  """'image' when the example has one, else 'video' or 'views' (`pp_ops_tta.tta_views`), of
+  static rank 4; a KeyError when it has none."""
   if "image" in example:
     return "image"
-  if "video" not in example:
+  key = next((k for k in STACKED_KEYS if k in example), None)
+  if key is None:
     raise KeyError(f"pp ops work on the example's 'image' or 'video'; its keys are "
                    f"{sorted(example)}.")
-  shape = tf.convert_to_tensor(example["video"]).shape
+  shape = tf.convert_to_tensor(example[key]).shape
   if shape.rank != 4:
-    raise ValueError(f"pp ops take a 'video' of shape (T, H, W, C); got {shape}.")
-  return "video"
+    raise ValueError(f"pp ops take a {key!r} of shape {STACKED_KEYS[key]}; got {shape}.")
+  return key
 
 
 def _crop_shape(image: tf.Tensor, crop_h: int, crop_w: int) -> tuple:

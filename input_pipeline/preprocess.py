@@ -13,6 +13,9 @@ A spec is ops joined by `|` (`pp_registry.py` parses it safely and composes it; 
     eval the same without flip_lr.
   * CoOp's own train transform (Dassl `dassl/data/transforms/transforms.py`, as RPL and TPT):
       random_resized_crop(S)|flip_lr|value_range(0, 1)|normalize('clip')
+  * TPT's test-time views (`pp_ops_tta.py`; AugMix for the fine-grained datasets), evaluated
+    with `pipeline.make_eval_dataset(..., augment_seed=...)`:
+      tta_views(64, S, augmix=True)|value_range(0, 1)|normalize('clip')
 
 Normalisation constants: VPT uses ImageNet mean/std; SA2VP uses the "Inception" 0.5/0.5; CLIP
 and the methods on it (CoOp, RPL) use CLIP's own mean/std.
@@ -30,9 +33,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-# pp_ops_boxes, pp_ops_text and pp_ops_video are imported for their registrations.
-from input_pipeline import (pp_ops, pp_ops_boxes, pp_ops_text, pp_ops_video,  # noqa: F401
-                            pp_registry)
+# pp_ops_boxes, pp_ops_text, pp_ops_tta and pp_ops_video are imported for their registrations.
+from input_pipeline import (pp_ops, pp_ops_boxes, pp_ops_text, pp_ops_tta,  # noqa: F401
+                            pp_ops_video, pp_registry)
 
 IMAGENET_MEAN, IMAGENET_STD = pp_ops.IMAGENET_MEAN, pp_ops.IMAGENET_STD
 INCEPTION_MEAN, INCEPTION_STD = pp_ops.INCEPTION_MEAN, pp_ops.INCEPTION_STD

@@ -50,13 +50,13 @@ def assert_only_trainable_changed(before: dict, after: dict, labels: dict) -> No
     assert same_bits == (labels[name] == optim.FROZEN), name
 
 
-def run_on_cpu_devices(code: str, devices: int) -> str:
+def run_on_cpu_devices(code: str, devices: int, timeout: int = 300) -> str:
   """Runs `code` in a fresh Python with `devices` forced host CPU devices, the repository and
   tests/ importable; returns its stdout, or fails the test with the tail of its output."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
   proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   return proc.stdout

@@ -92,20 +92,13 @@ def test_zero_shot_evaluates_the_random_init_only_when_asked(tmp_path):
 EIGHT_DEVICES = r"""
 import json
 from configs import dgl_msrvtt
-from input_pipeline import pipeline
-from jaxprompt import sharding, train
+from conftest import run_steps
+from jaxprompt import train
 
 def losses(num_devices, steps=3):
   config = dgl_msrvtt.get_config("runlocal")
   config.mesh.num_devices = num_devices
-  exp = train.build(config)
-  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
-                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
-  state, out = exp.state, []
-  for _ in range(steps):
-    state, metrics = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
-    out.append(float(metrics["loss"]))
-  return out
+  return run_steps(train.build(config), steps)[1]
 
 print("RESULT" + json.dumps({"single": losses(1), "eight": losses(8)}))
 """

@@ -1,17 +1,14 @@
 """Data-parallel and FSDP runs on 8 CPU devices give the 1-device losses (fresh process each)."""
 import json
-import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_on_cpu_devices  # pylint: disable=import-error
 
 SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 from configs import vpt_vtab
-from input_pipeline import pipeline
-from jaxprompt import sharding, train
+from conftest import run_steps
+from jaxprompt import train
 
 def losses(num_devices, strategy, steps=4):
   config = vpt_vtab.get_config("runlocal")
@@ -20,13 +17,7 @@ def losses(num_devices, strategy, steps=4):
   config.param_sharding = strategy
   config.total_steps = steps
   config.optim.lr = 0.02  # a sane step size: the losses stay near log(10) and comparable
-  exp = train.build(config)
-  it = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
-                                   global_batch_size=config.batch_size, seed=0).as_numpy_iterator()
-  state, out = exp.state, []
-  for _ in range(steps):
-    state, metrics = exp.train_step(state, sharding.global_batch(next(it), exp.mesh))
-    out.append(float(metrics["loss"]))
+  state, out = run_steps(train.build(config), steps)
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
   return out, sorted(specs)
 
@@ -44,11 +35,7 @@ print("RESULT" + json.dumps(result))
 
 
 def test_data_parallel_and_fsdp_match_single_device():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.split("RESULT")[-1])
+  result = json.loads(run_on_cpu_devices(SCRIPT, 8, timeout=600).split("RESULT")[-1])
   single, _ = result["single"]
   for name in ("dp8", "fsdp8"):
     losses, _ = result[name]

@@ -20,7 +20,8 @@ object), the error is one ValueError naming the file and the format that was exp
 
 Also shared by the models and methods: the argument checks (`require`), the block hook of deep
 prompts (`BlockHook`), and PyTorch's default nn.Linear initialisers (`torch_linear_kernel_init`,
-`torch_linear_bias_init`) for new layers that must start as the originals' do.
+`torch_linear_bias_init`) for new layers that must start as the originals' do, and PyTorch's
+bicubic resize as a matrix (`torch_bicubic_matrix`).
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def import_torch(path: str):
   return torch
 
 
-def _torch_load(path: str):
+def torch_load(path: str):
   """`torch.load(weights_only=True)` on CPU; a refused global is named in a CheckpointError."""
   torch = import_torch(path)
   try:
@@ -277,7 +278,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   if is_torchscript_archive(path):
     return read_torchscript_state_dict(path)
   torch = import_torch(path)
-  state = _torch_load(path)
+  state = torch_load(path)
   for wrapper in ("model", "state_dict"):
     if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
       state = state[wrapper]
@@ -509,3 +510,23 @@ def torch_linear_bias_init(fan_in: int):
   """PyTorch's default nn.Linear / nn.Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda rng, shape, dtype=jnp.float32: jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+
+def torch_bicubic_matrix(size_in: int, size_out: int, *, align_corners: bool = False,
+                         a: float = -0.75) -> np.ndarray:
+  """(size_out, size_in) weights of PyTorch's 1-D bicubic `F.interpolate`: the Keys kernel with
+  a = -0.75 on the 4 taps around each source position, out-of-range taps clamped to the edge.
+  Source positions: half-pixel centres, (i + 0.5) in / out - 0.5 (align_corners=False), or
+  i (in - 1) / (out - 1) (align_corners=True)."""
+  if align_corners:
+    source = np.arange(size_out) * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+  else:
+    source = (np.arange(size_out) + 0.5) * size_in / size_out - 0.5
+  base = np.floor(source).astype(int)
+  matrix = np.zeros((size_out, size_in))
+  for tap in range(-1, 3):
+    d = np.abs(source - base - tap)
+    weight = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                      ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+    np.add.at(matrix, (np.arange(size_out), np.clip(base + tap, 0, size_in - 1)), weight)
+  return matrix

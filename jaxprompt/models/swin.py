@@ -522,20 +522,6 @@ def convert_hf_swin(state_dict: dict[str, np.ndarray], *,
   return out
 
 
-def _bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
-  """(size_out, size_in) weights of PyTorch's 1-D bicubic resize (align_corners=False): Keys
-  kernel with a=-0.75 on half-pixel centres, out-of-range taps clamped to the edge."""
-  source = (np.arange(size_out) + 0.5) * size_in / size_out - 0.5
-  base = np.floor(source).astype(int)
-  matrix = np.zeros((size_out, size_in))
-  for tap in range(-1, 3):
-    d = np.abs(source - base - tap)
-    weight = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
-                      ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
-    np.add.at(matrix, (np.arange(size_out), np.clip(base + tap, 0, size_in - 1)), weight)
-  return matrix
-
-
 def resize_relative_position_bias_table(table: np.ndarray, target_rows: int) -> np.ndarray:
   """((2w-1)^2, heads) -> (target_rows, heads) for another window size.
 
@@ -548,7 +534,7 @@ def resize_relative_position_bias_table(table: np.ndarray, target_rows: int) -> 
   if table.ndim != 2 or old_side ** 2 != table.shape[0] or new_side ** 2 != target_rows:
     raise ValueError(f"Cannot resize a relative position bias table {table.shape} to "
                      f"{target_rows} rows: both must be square numbers of rows.")
-  matrix = _bicubic_matrix(old_side, new_side)
+  matrix = common.torch_bicubic_matrix(old_side, new_side)
   grid = table.reshape(old_side, old_side, -1).astype(np.float64)
   grid = np.einsum("ai,bj,ijh->abh", matrix, matrix, grid)
   return grid.reshape(target_rows, -1).astype(table.dtype)

@@ -66,7 +66,7 @@ import jax.numpy as jnp
 
 from jaxprompt import tta
 from jaxprompt.models import clip, common
-from jaxprompt.prompts import coop, tpt
+from jaxprompt.prompts import tpt
 
 CLIP_SCORE_WEIGHT = 2.5  # `CLIPRewards(clipscore_weight=2.5)`
 # Raw confidences of the reward CLIPs (`clip_reward.py` CONFIDECES); RLCF-S uses the first three.
@@ -253,24 +253,10 @@ def make_episode(policy_clip, reward_clips, class_names: Sequence[str], vocab_pa
       for r_model, r_variables, _ in reward_clips)}
 
   if mode == "prompt":
-    # TPT's prompt layout (`coop.coop_prompts` is cached): the policy's logits of the cached image
-    # features of the selected views.
-    layout, blocks = coop.coop_prompts(vocab_path, model.context_length, tuple(class_names),
-                                       n_ctx, ctx_init, False, "end")
-    learner = coop.PromptLearner(blocks, num_classes)
-    length = layout.length
+    policy = tpt.prompt_policy(model, class_names, vocab_path, n_ctx=n_ctx, ctx_init=ctx_init)
 
-    def policy_logits(tunable, frozen, context):
-      clip_variables = frozen["clip"]
-      fixed, words = (model.apply(clip_variables, jnp.asarray(ids),
-                                  method=clip.Model.embed_tokens)
-                      for ids in (layout.token_ids[:, :length], blocks[0].init_ids))
-      prompts = learner.apply({"params": tunable}, fixed, layout.context_index[:, :length],
-                              {blocks[0].name: words})
-      text = clip.normalize(model.apply(clip_variables, prompts, layout.eot_index,
-                                        method=clip.Model.encode_text_embeddings))
-      scale = jnp.exp(clip_variables["params"]["logit_scale"])
-      return scale * context["image_features"] @ text.T
+    def policy_logits(tunable, frozen, context):  # of the cached selected views' features
+      return policy.logits(tunable, frozen, context["image_features"])
   else:
     def policy_logits(tunable, frozen, context):  # the tuned tower re-encodes the views
       clip_variables = {**frozen["clip"], "params": {**frozen["clip"]["params"],

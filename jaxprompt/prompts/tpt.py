@@ -45,7 +45,7 @@ Deliberate deviations:
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,14 +134,22 @@ def make_episode(clip_model: clip.Model, clip_variables, class_names: Sequence[s
   return episode, tunable0, frozen
 
 
-def _prompt_mode(clip_model, clip_variables, class_names, vocab_path, *, n_ctx, ctx_init, ctx,
-                 keep_underscores, selection, seed):
-  """TPT's prompt tuning: (prepare, loss, predict, tunable0, frozen)."""
-  if keep_underscores:
-    raise ValueError("keep_underscores is image mode's hard-prompt quirk; prompt mode replaces "
-                     "'_' in ctx_init by ' ' as TPT does.")
-  layout, blocks = coop.coop_prompts(vocab_path, clip_model.context_length, class_names, n_ctx,
-                                     ctx_init, False, "end")
+class PromptPolicy(NamedTuple):
+  """TPT's prompt-mode policy (RLCF's too): `logits(tunable, frozen, image_features (N, E))` ->
+  (N, C) with the context `tunable['ctx']` and the frozen CLIP `frozen['clip']`; `init(rng,
+  clip_variables)` -> tunable0 ({'ctx'} from ctx_init's word embeddings, or N(0, 0.02²));
+  `context_shape` (n_ctx, text_width)."""
+  logits: Callable
+  init: Callable
+  context_shape: tuple
+
+
+def prompt_policy(clip_model: clip.Model, class_names: Sequence[str], vocab_path: str, *,
+                  n_ctx: int, ctx_init: str) -> PromptPolicy:
+  """The class prompts [SOT][ctx][name.][EOT] (`coop.coop_prompts`, 'end', shared context) and
+  the CLIP logits of image features against their text features, recomputed from the context."""
+  layout, blocks = coop.coop_prompts(vocab_path, clip_model.context_length, tuple(class_names),
+                                     n_ctx, ctx_init, False, "end")
   learner = coop.PromptLearner(blocks, len(class_names))
   length = layout.length
   token_ids = jnp.asarray(layout.token_ids[:, :length])
@@ -163,6 +171,22 @@ def _prompt_mode(clip_model, clip_variables, class_names, vocab_path, *, n_ctx, 
     scale = jnp.exp(frozen["clip"]["params"]["logit_scale"])
     return scale * image_features @ text_features(tunable["ctx"], frozen["clip"]).T
 
+  def init(rng, clip_variables):
+    fixed = jnp.zeros((len(class_names), length, clip_model.text_width), jnp.float32)
+    return learner.init(rng, fixed, context_index, word_embeddings(clip_variables))["params"]
+
+  return PromptPolicy(logits, init, (blocks[0].length, clip_model.text_width))
+
+
+def _prompt_mode(clip_model, clip_variables, class_names, vocab_path, *, n_ctx, ctx_init, ctx,
+                 keep_underscores, selection, seed):
+  """TPT's prompt tuning: (prepare, loss, predict, tunable0, frozen)."""
+  if keep_underscores:
+    raise ValueError("keep_underscores is image mode's hard-prompt quirk; prompt mode replaces "
+                     "'_' in ctx_init by ' ' as TPT does.")
+  policy = prompt_policy(clip_model, class_names, vocab_path, n_ctx=n_ctx, ctx_init=ctx_init)
+  logits = policy.logits
+
   def prepare(tunable0, frozen, views, rng):
     del rng
     image_features = jax.lax.stop_gradient(clip.normalize(clip_model.apply(
@@ -178,7 +202,7 @@ def _prompt_mode(clip_model, clip_variables, class_names, vocab_path, *, n_ctx, 
   def predict(tunable, frozen, context):
     return logits(tunable, frozen, context["view0"])[0]
 
-  shape = (blocks[0].length, clip_model.text_width)
+  shape = policy.context_shape
   if ctx is not None:
     if tuple(np.shape(ctx)) != shape:
       raise ValueError(
@@ -188,9 +212,7 @@ def _prompt_mode(clip_model, clip_variables, class_names, vocab_path, *, n_ctx, 
           "ctx_init='' when the context comes from a checkpoint) to match it.")
     tunable0 = {"ctx": jnp.asarray(ctx, jnp.float32)}
   else:
-    fixed = jnp.zeros((len(class_names), length, clip_model.text_width), jnp.float32)
-    tunable0 = learner.init(jax.random.PRNGKey(seed), fixed, context_index,
-                            word_embeddings(clip_variables))["params"]
+    tunable0 = policy.init(jax.random.PRNGKey(seed), clip_variables)
   return prepare, loss, predict, tunable0, {"clip": clip_variables}
 
 

@@ -254,7 +254,8 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method: s
   """torchvision `RandomResizedCrop(size, scale, ratio, interpolation)`: a crop of random area
   fraction and aspect ratio (`random_resized_crop_box`) resized to `size`. Bicubic is the
   interpolation of CoOp (`INPUT.INTERPOLATION`, Dassl `dassl/data/transforms/transforms.py`),
-  which RPL and TPT share; torchvision's own default is bilinear."""
+  which RPL shares; torchvision's own default is bilinear, which TPT's test-time views use
+  (`pp_ops_tta.tta_views`)."""
   size_hw, method = _size_hw(size), _check_method(method)
   scale, ratio = _check_range(scale, "scale"), _check_range(ratio, "ratio")
   if not 0 < scale[0] <= scale[1]:

@@ -128,9 +128,11 @@ def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def init_inputs(method, data: Data, config) -> list:
-  """Batch-1 zeros of the method's inputs, shaped by the data's element spec (train, or the first
-  evaluation split in eval mode), so a model may take images, videos, boxes or tokens."""
-  if config.mode == "train":
+  """Batch-1 zeros of the method's inputs, shaped by the data's element spec (the train split's,
+  also in eval mode when the source has it: an evaluation split may batch differently, e.g.
+  VATEX's (captions, L) tokens per video; else the first evaluation split's), so a model may take
+  images, videos, boxes or tokens."""
+  if config.mode == "train" or config.train_split in data.source.splits:
     spec = pipeline.batch_spec(data.source, config.train_split, data.train_pp, train=True)
   else:
     split = next(iter(config.evals.values())).split

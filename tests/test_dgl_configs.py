@@ -76,6 +76,10 @@ def test_the_demo_trains_and_evaluates(benchmark, captions, tmp_path):
 
 
 def test_zero_shot_evaluates_the_random_init_only_when_asked(tmp_path):
+  # VATEX's test split batches (captions, L) tokens per video; the model is built from train's.
+  vatex = train.train_and_evaluate(get_config("vatex", "method=zeroshot,runlocal"),
+                                   str(tmp_path / "vatex"))
+  assert vatex["step"] == 0 and vatex["test/captions"] == 180
   config = get_config("msrvtt", "method=zeroshot,runlocal")
   final = train.train_and_evaluate(config, str(tmp_path / "zeroshot"))
   assert final["step"] == 0 and "test/t2v_R@1" in final

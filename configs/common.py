@@ -179,3 +179,85 @@ def use_tiny_clip(config, *, variant: str, paper_variant: str) -> None:
   config.eval_batch_size = 250
   config.optim.warmup_type = "linear"
   config.optim.schedule_unit = "step"  # as the demo numbers were measured
+
+
+# ------------------------------------------------------------------------------------------------
+# Test-time adaptation (TPT, RLCF): configs/tpt_imagenet.py, rlcf_imagenet.py, rlcf_finegrained.py.
+
+TTA_VIEWS, TTA_SIZE = 64, 224  # TPT's 63 augmented views + the plain one, at CLIP's 224 px
+TTA_IMAGENET = ("imagenet/val", "imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch")
+# TPT's fine-grained sets (`coop/<name>`), in the order of its tables.
+TTA_FINEGRAINED = ("oxford_flowers", "dtd", "oxford_pets", "stanford_cars", "ucf101",
+                   "caltech101", "food101", "sun397", "fgvc_aircraft", "eurosat")
+# The demo: views, selection and pre-fit of the embedded run (`use_tta_demo`).
+TTA_DEMO_VIEWS, TTA_DEMO_SELECTION = 16, 0.25  # 16 views keep 4 (0.1 would keep 1)
+TTA_DEMO_POLICY, TTA_DEMO_REWARD = "ViT-mu/8", "ViT-mu/4"
+TTA_DEMO_TEST_EXAMPLES = 500
+
+
+def tta_pp(num_views: int, size: int, augmix: bool) -> str:
+  """TPT's test-time views (the pp op `tta_views`), each to [0, 1] and CLIP-normalised."""
+  return (f"tta_views({num_views}, {size}, augmix={augmix})|value_range(0, 1)|"
+          f"normalize('clip')")
+
+
+def tta_base(*, model_name: str, model: dict, model_init_parts: tuple[str, ...],
+             batch_size: int) -> ml_collections.ConfigDict:
+  """A real TTA run: `mode='eval'` of pretrained CLIPs (`config.model_init.<part>=PATH`: 'model'
+  the policy, 'reward_0'.. the reward CLIPs), no training; `batch_size` test samples adapted at
+  once (vmapped), each with its own params; the test views are seeded by `config.seed`."""
+  config = base_config(model_name=model_name, model=model, model_init_parts=model_init_parts)
+  config.mode = "eval"  # nothing trains but each sample's episode (no optimizer state is built)
+  config.seed = 0  # TPT's `set_random_seed(0)`: the views' draws
+  # The spine's training settings, unused: evaluation never steps.
+  config.train_split, config.total_steps = "train", 1
+  config.optim = optimizer("adamw", lr=0.0, weight_decay=0.0)
+  config.batch_size, config.eval_batch_size = batch_size, batch_size
+  # pp.train only shapes the model's init (a source with a train split): view 0's transform.
+  config.pp = ml_collections.ConfigDict(dict(
+      image_size=TTA_SIZE, train=f"resize_shorter_side({TTA_SIZE}, method='bicubic')|"
+      f"center_crop({TTA_SIZE})|value_range(0, 1)|normalize('clip')", eval=""))
+  return config
+
+
+def tta_eval(method: str, **settings) -> dict:
+  """One 'tta' evaluator's settings on the 'test' split (jaxprompt/evaluators/tta.py)."""
+  return dict(type="tta", split="test", method=method, **settings)
+
+
+def use_tta_demo(config, *, augmix: bool = False, rlcf_steps: int = 3) -> None:
+  """The TTA configs' embedded demo: the named shapes with the 'zoom_out' shift of the test split
+  (squares shrunk and dulled; its first TTA_DEMO_TEST_EXAMPLES examples), the policy CLIP
+  TTA_DEMO_POLICY and a different reward CLIP TTA_DEMO_REWARD (finer patches and wider, as
+  ViT-L/14 against ViT-B/16; on the shifted split it is not always the more accurate one, see
+  configs/rlcf_imagenet.py), both random-init and pre-fit together for 800 steps on the clean
+  train split (`prompts.rlcf`'s loss: the cross-entropy of each CLIP on the class prompts
+  "a photo of a {name}.", i.e. CLIP's contrastive loss on the class captions); then TPT and RLCF
+  adapt on every shifted test sample and report their accuracy next to zero-shot's
+  ('tpt/accuracy', 'rlcf/accuracy', '*/zeroshot_accuracy'). The originals' per-sample settings
+  (TPT 1 step lr 5e-3 wd 0.01; RLCF `rlcf_steps` steps lr 7e-3 wd 5e-4 K 3) on TTA_DEMO_VIEWS
+  views of 32 px (AugMix-ed with `augmix`), of which TTA_DEMO_SELECTION keep 4."""
+  from input_pipeline import embedded_clip  # pylint: disable=g-import-not-at-top
+  config.mode = "train"
+  config.model_name = "prompts.rlcf"
+  config.model = ml_collections.ConfigDict(dict(
+      variant=TTA_DEMO_POLICY, vocab_path=embedded_clip.byte_vocabulary(),
+      ctx_init="a photo of a", reward_variants=(TTA_DEMO_REWARD,), reward_weights=()))
+  config.model_init = ""
+  config.trainable_params = ".*"
+  config.dataset = embedded_clip.NAME
+  config.dataset_kwargs = ml_collections.ConfigDict(dict(shift="zoom_out",
+                                                         test_examples=TTA_DEMO_TEST_EXAMPLES))
+  config.train_split = "train"
+  config.seed = 1
+  config.pp = ml_collections.ConfigDict(dict(
+      image_size=32, train=vtab_pp(32, "clip"), eval=tta_pp(TTA_DEMO_VIEWS, 32, augmix)))
+  config.batch_size, config.eval_batch_size = 32, 250
+  config.total_steps = 800
+  config.optim = optimizer("adamw", lr=2e-3, weight_decay=0.01, warmup_steps=80)
+  config.log_every_steps = 200
+  config.checkpoint_every_steps = 800
+  config.evals = ml_collections.ConfigDict(dict(
+      tpt=tta_eval("tpt", selection=TTA_DEMO_SELECTION),
+      rlcf=tta_eval("rlcf", steps=rlcf_steps, lr=7e-3, weight_decay=5e-4, top_k=3,
+                    selection=TTA_DEMO_SELECTION)))

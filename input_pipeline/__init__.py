@@ -1,7 +1,8 @@
 """Datasets by name: `get_source('vtab/cifar')`, `('folder', root=...)`, `('embedded/shapes')`.
 
 One module per dataset family (`vtab.py`, `vtab_files.py`, `fgvc.py`, `hta.py`,
-`multilabel_lt.py`, `folder.py`, `coco_detection.py`, `odinw.py`, `embedded*.py`), all
+`multilabel_lt.py`, `folder.py`, `coco_detection.py`, `odinw.py`, `imagenet_variants.py`,
+`coop_datasets.py`, `embedded*.py`), all
 implementing `base.DataSource` (`file_list.py` holds the source that the file-list families share;
 `detection.py` the detection contract: boxes and the grounding caption of `grounding.py`);
 `preprocess.py` builds the per-example transforms from a pp spec ('resize(224)|flip_lr|...':
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import functools
 
-from input_pipeline import coco_detection, odinw, video_retrieval
+from input_pipeline import coco_detection, imagenet_variants, karpathy, odinw, video_retrieval
 from input_pipeline.base import DataNotFoundError, DataSource
+from input_pipeline.coop_datasets import COOP_DATASETS, CoopSource
 from input_pipeline.embedded import ShapesSource
+from input_pipeline.embedded_captions import CaptionedShapesSource
 from input_pipeline.embedded_clip import NamedShapesSource
 from input_pipeline.embedded_detection import DetectionShapesSource
 from input_pipeline.embedded_multilabel import MultilabelShapesSource
@@ -63,6 +66,11 @@ SOURCES: dict = {
     "coco_json": coco_detection.coco_json,
     **odinw.odinw_sources(),
     **video_retrieval.SOURCES,
+    **{name: functools.partial(imagenet_variants.ImagenetVariantSource, name)
+       for name in imagenet_variants.IMAGENET_VARIANTS},
+    **_family("coop", COOP_DATASETS, CoopSource),
+    **karpathy.SOURCES,
+    "embedded/captioned_shapes": _in_memory(CaptionedShapesSource),
 }
 SOURCE_NAMES = tuple(SOURCES)
 
@@ -92,7 +100,8 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
   folder: kwargs root=... holding root/<split>/<class_name>/*.{jpg,jpeg,png}; skip_bad_images,
     check_images.
   embedded/shapes: generated in memory, no kwargs.
-  embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed).
+  embedded/named_shapes: the same with class names for CLIP methods (kwargs: shots, seed;
+    shift='zoom_out' for a distribution-shifted test split, test_examples to cut it).
   embedded/multilabel_lt: generated long-tailed multi-label squares with class names and
     captions, for LMPT (kwargs: caption_chars, caption_tokenizer).
   embedded/detection_shapes: generated detection scenes with boxes and their own BERT vocabulary,
@@ -111,6 +120,18 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     data_dir=, video_dir, fps, folder_fps, check_videos, skip_bad_videos; msrvtt: train_csv).
   odinw/<dataset>: the ODinW-13/35 datasets in GLIP's DATASET/odinw layout (odinw.py; kwargs
     root= or data_dir=, vocab, version, shots, seed, override_category, caption_prompt, ...).
+  imagenet/val, imagenet_a, imagenet_r, imagenet_v2, imagenet_sketch: TFDS data in `data_dir`,
+    split 'test', with CLIP `class_names`; A and R in their 200-class label spaces
+    (imagenet_variants.py; kwargs tfds_version, and tfds_config for imagenet_v2).
+  coop/<dataset>: TPT's fine-grained sets in CoOp's layout and split files (coop_datasets.py:
+    oxford_flowers, dtd, oxford_pets, stanford_cars, ucf101, caltech101, food101, sun397,
+    fgvc_aircraft, eurosat); kwargs root=<dataset folder> or data_dir=<CoOp's $DATA>,
+    check_num_classes, skip_bad_images, check_images.
+  coco_karpathy, flickr30k_karpathy: image-text retrieval on the Karpathy splits from LAVIS's
+    annotation jsons and an image folder (karpathy.py; kwargs root= or data_dir=, image_root,
+    annotations={split: path}, splits).
+  embedded/captioned_shapes: the named shapes with 2-3 generated captions each, for retrieval
+    (embedded_captions.py; kwargs limit, shots, seed).
   """
   if name not in SOURCES:
     raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")

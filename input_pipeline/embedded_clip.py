@@ -8,6 +8,14 @@ what a CLIP prompt method needs and no download can provide here:
   * optional seeded K-shot training data (`shots=K`): per class, K training examples drawn
     without replacement (`random.Random(seed).sample`, classes in label order), and the val
     split cut to min(K, 4) per class, as Dassl's `generate_fewshot_dataset` does for CoOp;
+  * an optional distribution shift of the test split (`shift='zoom_out'`, for the test-time
+    adaptation demos): every test image is shrunk to half its size about the centre (2×2 box
+    averaging; the 16 px content keeps its top/bottom half) and pasted on a fresh noisy
+    background of the same kind, and the contrast is lowered to SHIFT_CONTRAST about mid-grey.
+    The squares become 4-6 px, smaller than any training square, and duller; the train and val
+    splits stay clean. The shifted images are generated from a fixed seed, like the splits;
+  * optionally only the first `test_examples` examples of the test split (the TTA demos adapt on
+    500, which keeps them short);
   * `byte_vocabulary()`: a CLIP tokenizer vocabulary the project writes itself, byte-level BPE
     with no merges (the 256 byte symbols, their '</w>' forms, '<|startoftext|>' = 512,
     '<|endoftext|>' = 513; every character is a token), readable by `clip_tokenizer.Tokenizer`.
@@ -28,6 +36,9 @@ COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta")  # embedded.PALETTE
 CLASS_NAMES = tuple(f"{colour} square at the {half}"
                     for half in ("top", "bottom") for colour in COLOUR_NAMES)
 MAX_VAL_SHOTS = 4
+SHIFTS = ("", "zoom_out")  # '' = no shift
+SHIFT_CONTRAST = 0.7  # zoom_out: pixel values 128 + 0.7 · (value - 128)
+_SHIFT_SEED = 3
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -40,13 +51,43 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
   return np.sort(np.asarray(chosen, np.int64))
 
 
-class NamedShapesSource(embedded.ShapesSource):
-  """`embedded.ShapesSource` plus `class_names` and optional K-shot train/val splits."""
+def zoom_out(images: np.ndarray, seed: int = _SHIFT_SEED) -> np.ndarray:
+  """The 'zoom_out' shift of uint8 images (n, 32, 32, 3): the image halved about its centre (2×2
+  box average) on a new noisy background (uniform in [0, 90), as `embedded.make_shapes`), then
+  the contrast lowered to SHIFT_CONTRAST about 128; rounded to uint8."""
+  n, size = images.shape[0], embedded.IMAGE_SIZE
+  half, offset = size // 2, size // 4
+  small = images.astype(np.float32).reshape(n, half, 2, half, 2, 3).mean(axis=(2, 4))
+  rng = np.random.default_rng([20_240_601, seed])
+  canvas = rng.integers(0, 90, size=images.shape).astype(np.float32)
+  canvas[:, offset:offset + half, offset:offset + half] = small
+  shifted = 128 + SHIFT_CONTRAST * (canvas - 128)
+  return np.clip(np.round(shifted), 0, 255).astype(np.uint8)
 
-  def __init__(self, name: str = NAME, *, shots: int = 0, seed: int = 1):
+
+class NamedShapesSource(embedded.ShapesSource):
+  """`embedded.ShapesSource` plus `class_names`, optional K-shot train/val splits, an optional
+  shift of the test split (`shift`, one of SHIFTS) and an optional cut of it (`test_examples`,
+  0 = all)."""
+
+  def __init__(self, name: str = NAME, *, shots: int = 0, seed: int = 1, shift: str = "",
+               test_examples: int = 0):
     super().__init__(name)
     if shots < 0:
       raise ValueError(f"shots must be >= 0 (0 = the full splits); got {shots}.")
+    if shift not in SHIFTS:
+      raise ValueError(f"shift={shift!r}: expected one of {SHIFTS} ('' = no shift; 'zoom_out' "
+                       f"shrinks and dulls the test images).")
+    images, labels = self._arrays["test"]
+    if not 0 <= test_examples <= len(labels):
+      raise ValueError(f"test_examples={test_examples}: expected 0 (the whole test split) to "
+                       f"{len(labels)}.")
+    self.shift = shift
+    if shift:
+      images = zoom_out(images)
+    if test_examples:
+      images, labels = images[:test_examples], labels[:test_examples]
+    self._arrays["test"] = images, labels
     self.class_names, self.shots, self.seed = CLASS_NAMES, shots, seed
     if shots:
       for split, per_class in (("train", shots), ("val", min(shots, MAX_VAL_SHOTS))):

@@ -216,12 +216,14 @@ def _bucketed_by_size(ds: tf.data.Dataset, batch: int) -> tf.data.Dataset:
 def batch_spec(source: base.DataSource, split: str, preprocess_fn: Callable[[dict], dict], *,
                train: bool) -> dict:
   """The element spec of `split`'s batches (leading dimension None) through `preprocess_fn`, the
-  train (with an example seed) or eval path, from the dataset graph alone (no data is read). The
-  trainer initialises the model from it, so a model may take images, videos, boxes or tokens."""
+  train (with an example seed) or eval path (seeded when the spec holds a test-time op such as
+  `tta_views`: `pp_registry`), from the dataset graph alone (no data is read). The trainer
+  initialises the model from it, so a model may take images, videos, boxes or tokens."""
+  seeded = train or getattr(preprocess_fn, "test_time_augmentation", False)
 
   def prepare(example):
     example = dict(source.decode(example))
-    if train:
+    if seeded:
       example["_seed"] = tf.zeros([2], tf.int64)
     return _batch_fields(preprocess_fn(example), source.batch_keys)
 

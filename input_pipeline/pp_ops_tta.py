@@ -250,7 +250,7 @@ def _check_number(value, what: str, low: float, high: float) -> float:
   return float(value)
 
 
-@register("tta_views", random=True)
+@register("tta_views", test_time=True)
 def tta_views(num_views: int = 64, size: int = 224, augmix: bool = False, severity: float = 1):
   """'image' -> 'views' (num_views, size, size, 3): TPT's plain view and num_views - 1 augmented
   ones (module docstring)."""

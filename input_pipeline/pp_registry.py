@@ -19,7 +19,10 @@ parsed with `ast`) and `big_vision/pp/builder.py` (the `op|op(args)` language); 
     that `pipeline.make_train_dataset` adds), gives it unchanged to the only random op of a
     spec, or `tf.random.experimental.stateless_split(seed, n)[i]` to random op i of n, and
     hands each random op its seed as the example's '_seed'; deterministic ops never see one.
-    A random op on an example without '_seed' (evaluation) is an error that says so.
+    A random op on an example without '_seed' (evaluation) is an error that says so, except
+    that a spec with a test-time op (`register(..., test_time=True)`: TPT's `tta_views`) is
+    marked `test_time_augmentation`, and the trainer then seeds its evaluation examples
+    (`pipeline.make_eval_dataset(augment_seed=config.seed)`).
   * After the last op the builder casts 'label' (a class index) to int32 (what the batched
     streams and the losses expect) and drops '_seed'.
 
@@ -48,16 +51,19 @@ class RegisteredOp:
   name: str
   factory: Callable[..., OpFn]
   random: bool
+  test_time: bool = False
 
 
 _REGISTRY: dict[str, RegisteredOp] = {}
 
 
-def register(name: str, *, random: bool = False) -> Callable[[Callable[..., OpFn]],
-                                                              Callable[..., OpFn]]:
+def register(name: str, *, random: bool = False,
+             test_time: bool = False) -> Callable[[Callable[..., OpFn]], Callable[..., OpFn]]:
   """Decorator: registers `factory(**kwargs) -> fn(example) -> example` as the pp op `name`.
 
   random=True: the op draws from the example's '_seed', which the builder provides per op.
+  test_time=True (implies random): a test-time augmentation, random by design in evaluation; a
+  spec holding one is built `test_time_augmentation`, so its evaluation examples get a seed.
   """
   if not name.isidentifier():
     raise ValueError(f"pp op name {name!r} must be a Python identifier (it is parsed as one).")
@@ -67,7 +73,7 @@ def register(name: str, *, random: bool = False) -> Callable[[Callable[..., OpFn
       other = _REGISTRY[name].factory
       raise ValueError(f"pp op {name!r} is already registered (by {other.__module__}."
                        f"{other.__qualname__}).")
-    _REGISTRY[name] = RegisteredOp(name, factory, random)
+    _REGISTRY[name] = RegisteredOp(name, factory, random or test_time, test_time)
     return factory
 
   return decorator
@@ -152,7 +158,7 @@ def _missing_seed(text: str) -> ValueError:
       f"pp op {text!r} is random: it needs the example's '_seed' (a shape-(2,) int tensor, added "
       "by pipeline.make_train_dataset). Evaluation examples have none: use an eval spec of "
       "deterministic ops (e.g. center_crop instead of random_crop or random_resized_crop, and "
-      "no flip_lr).")
+      "no flip_lr), or test-time views (tta_views), whose examples are seeded.")
 
 
 def build(spec: str) -> OpFn:
@@ -161,7 +167,7 @@ def build(spec: str) -> OpFn:
   Every op is looked up, its arguments bound to its signature and its factory called here, so
   errors surface before any data flows.
   """
-  steps = []
+  steps, test_time = [], False
   for call in parse_spec(spec):
     op = lookup(call.name)
     signature = inspect.signature(op.factory)
@@ -177,6 +183,7 @@ def build(spec: str) -> OpFn:
     except (TypeError, ValueError) as e:
       raise ValueError(f"pp op {call.text!r}: {e}") from None
     steps.append((op.random, fn, call.text))
+    test_time = test_time or op.test_time
   num_random = sum(random for random, _, _ in steps)
 
   def preprocess(example: Example) -> Example:
@@ -200,4 +207,5 @@ def build(spec: str) -> OpFn:
       example["label"] = tf.cast(example["label"], tf.int32)
     return example
 
+  preprocess.test_time_augmentation = test_time  # evaluation seeds its examples (module doc)
   return preprocess

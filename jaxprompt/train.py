@@ -131,15 +131,18 @@ def init_inputs(method, data: Data, config) -> list:
   """Batch-1 zeros of the method's inputs, shaped by the data's element spec (the train split's,
   also in eval mode when the source has it: an evaluation split may batch differently, e.g.
   VATEX's (captions, L) tokens per video; else the first evaluation split's), so a model may take
-  images, videos, boxes or tokens."""
+  images, videos, boxes or tokens. Test-time 'views' (V, H, W, 3) (`tta_views`) stand in for an
+  'image' input the spec lacks: the model sees one view at a time."""
   if config.mode == "train" or config.train_split in data.source.splits:
     spec = pipeline.batch_spec(data.source, config.train_split, data.train_pp, train=True)
   else:
     split = next(iter(config.evals.values())).split
     spec = pipeline.batch_spec(data.source, split, data.eval_pp, train=False)
-  method_lib.check_inputs(method, config.model_name, spec, data.source.name)
-  return [np.zeros((1, *spec[k].shape[1:]), spec[k].dtype.as_numpy_dtype)
-          for k in method.inputs]
+  shapes = {k: (tuple(v.shape[1:]), v.dtype.as_numpy_dtype) for k, v in spec.items()}
+  if "views" in shapes and "image" not in shapes:  # test-time views (V, H, W, 3): an image is one
+    shapes["image"] = (shapes["views"][0][1:], shapes["views"][1])
+  method_lib.check_inputs(method, config.model_name, shapes, data.source.name)
+  return [np.zeros((1, *shapes[k][0]), shapes[k][1]) for k in method.inputs]
 
 
 def init_variables(model, inputs, loaders, parts: dict, *, seed: int, mesh, rule: str):
@@ -189,6 +192,9 @@ class Experiment:
     """The variables evaluators see: with optim.ema_for_eval the moving average of the trained
     params (optim.ema_decay; GLIP's SOLVER.USE_EMA_FOR_MONITOR), else the params themselves."""
     ema = optim.ema_of(state["opt_state"]) if self.config.optim.get("ema_for_eval") else None
+    if isinstance(ema, dict) and any(isinstance(x, jax.ShapeDtypeStruct)
+                                     for x in jax.tree.leaves(ema)):
+      ema = None  # mode='eval' from model_init: no checkpoint, so no average (the params)
     return variables(state if ema is None else
                      {**state, "params": optim.with_trainable(state["params"], ema)})
 
@@ -228,7 +234,8 @@ def build(config) -> Experiment:
   loss_fn = (method.make_loss or method_lib.cross_entropy_loss)(config, data.source)
   eval_context = evaluators.EvalContext(
       config, data.source, mesh,
-      evaluators.eval_batches(data.source, data.eval_pp, eval_batch_size, mesh),
+      evaluators.eval_batches(data.source, data.eval_pp, eval_batch_size, mesh, augment_seed=(
+          config.seed if getattr(data.eval_pp, "test_time_augmentation", False) else None)),
       method_lib.predict_functions(method, model, loss_fn, config))
   evals = evaluators.from_config(config.evals, eval_context)
   if optim.plateau_settings(config.optim) and not any(
@@ -243,10 +250,15 @@ def build(config) -> Experiment:
   trainable = optim.trainable_subset(params, labels)
   tx, schedule = optim.make_optimizer(config.optim, trainable, total_steps=total_steps,
                                       warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
-  opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, trainable), mesh,
-                                          config.param_sharding)
-  state = {"params": params, "model_state": model_state,
-           "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trainable),
+  opt_abstract = jax.eval_shape(tx.init, trainable)
+  opt_shardings = sharding.tree_shardings(opt_abstract, mesh, config.param_sharding)
+  if config.mode == "train":
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  else:  # evaluation never steps: only the shapes, to restore a checkpoint with (no memory; a
+    # test-time method's trainable set can be several whole CLIPs)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             opt_abstract, opt_shardings)
+  state = {"params": params, "model_state": model_state, "opt_state": opt_state,
            "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
   state_shardings = {"params": var_shardings["params"],
                      "model_state": {k: v for k, v in var_shardings.items() if k != "params"},
@@ -297,8 +309,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, train_metrics, last_step = _train_loop(exp, state, start_step, ckpt, best, writer)
       final.update(train_metrics, step=last_step)  # already written by the loop
     evals = evaluators.run_all(exp.evaluators, exp.evaluated(state))
-    if best is not None:
+    if best is not None and config.mode == "train":
       best.update(final["step"], evals, exp.checkpointed(state))
+    if best is not None and best.best is not None:  # mode='eval': training's best, if any
       evals.update({"best/step": best.best["step"], f"best/{best.metric}": best.best["value"]})
       if config.get("eval_at_best"):
         at_best = exp.restored(state, best.restore(exp.checkpointed(state)))
@@ -320,10 +333,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def headline_metrics(final: dict) -> dict[str, float]:
-  """The evaluation metrics a run's summary prints: accuracies, mAP, R@1/5/10 and box AP, by
-  name."""
+  """The evaluation metrics a run's summary prints: accuracies (and the zero-shot ones a
+  test-time adaptation starts from), mAP, R@1/5/10 and box AP, by name."""
   return {key: final[key] for key in sorted(final)
-          if key.endswith(("/accuracy", "mAP", "R@1", "R@5", "R@10", "/AP"))
+          if key.endswith(("/accuracy", "/zeroshot_accuracy", "mAP", "R@1", "R@5", "R@10", "/AP"))
           and not key.startswith("train/")}
 
 

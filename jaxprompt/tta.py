@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -123,11 +124,25 @@ def adapt(episode: Episode, tunable0, frozen, views, rng, *, batched: bool = Tru
                      f"each); got shape {getattr(views, 'shape', type(views).__name__)}.")
   if views.shape[0] < 1 or views.shape[1] < 1:
     raise ValueError(f"adapt needs at least one sample and one view; got views {views.shape}.")
-  rngs = jax.random.split(rng, views.shape[0])
+  return adapt_queries(episode, tunable0, frozen, views, rng, batched=batched)
+
+
+def adapt_queries(episode: Episode, tunable0, frozen, queries, rng, *, batched: bool = True):
+  """`adapt` for episodes whose per-sample input is not a stack of views: `queries` is any pytree
+  of arrays with a common leading axis B, and `episode.prepare` receives one sample's slice of it
+  in place of `views` (e.g. a caption's token ids (L,) for text-to-image retrieval). Same results
+  and rng rule as `adapt`."""
+  sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(queries)}
+  if len(sizes) != 1 or None in sizes or 0 in sizes:
+    raise ValueError(f"adapt_queries takes a pytree of arrays sharing a leading batch axis B >= "
+                     f"1; got leaf shapes {[np.shape(x) for x in jax.tree.leaves(queries)]}.")
+  num_samples = sizes.pop()
+  rngs = jax.random.split(rng, num_samples)
   if batched:
-    return _compiled(episode, True)(tunable0, frozen, views, rngs)
+    return _compiled(episode, True)(tunable0, frozen, queries, rngs)
   one = _compiled(episode, False)
-  results = [one(tunable0, frozen, views[b], rngs[b]) for b in range(views.shape[0])]
+  results = [one(tunable0, frozen, jax.tree.map(lambda x, b=b: x[b], queries), rngs[b])
+             for b in range(num_samples)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
 
 

@@ -126,6 +126,16 @@ def test_keep_best_reports_best_and_last_and_reevaluates_at_the_best_step(tmp_pa
   # The best params come back from the best checkpoint: val reproduces the recorded best exactly.
   assert final["at_best/val/accuracy"] == final["best/val/accuracy"]
   assert "test/accuracy" in final and "at_best/test/accuracy" in final
+  # mode='eval' in the same workdir: the last checkpoint's metrics and training's best, with no
+  # optimizer state in memory (its shapes only) and no new best checkpoint.
+  config.unlock()
+  config.mode = "eval"
+  assert all(isinstance(x, jax.ShapeDtypeStruct)
+             for x in jax.tree.leaves(train.build(config).state["opt_state"]))
+  evaluated = train.train_and_evaluate(config, str(tmp_path))
+  for key in ("test/accuracy", "val/accuracy", "best/step", "best/val/accuracy",
+              "at_best/test/accuracy"):
+    assert evaluated[key] == final[key], key
 
 
 def test_early_stop_patience_ends_training_like_glips_auto_terminate(tmp_path, monkeypatch):

@@ -214,16 +214,20 @@ def run_all(evaluators: Mapping[str, Evaluator], variables, *, step: int | None 
   return metrics
 
 
-def eval_batches(source, eval_pp, batch_size: int, mesh) -> Callable[[str], Iterable[dict]]:
+def eval_batches(source, eval_pp, batch_size: int, mesh, *,
+                 augment_seed: int | None = None) -> Callable[[str], Iterable[dict]]:
   """split -> one pass of global batches (every example once, padding rows '_mask' False): the
-  input pipeline's eval dataset of this process, assembled into mesh-sharded jax.Arrays."""
+  input pipeline's eval dataset of this process, assembled into mesh-sharded jax.Arrays.
+  augment_seed: an int gives every example a '_seed' for random pp ops (test-time views,
+  `tta_views`), a function of the seed and the example's index in the split only."""
   # Imported here: the input pipeline pulls in TensorFlow, which the evaluators do not need.
   from input_pipeline import pipeline  # pylint: disable=import-outside-toplevel
 
   def batches(split: str):
     dataset = pipeline.make_eval_dataset(
         source, split, eval_pp, global_batch_size=batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        augment_seed=augment_seed)
     for local in dataset.as_numpy_iterator():
       yield sharding.global_batch(local, mesh)
 

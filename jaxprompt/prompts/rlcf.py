@@ -38,6 +38,17 @@ function over the adapted params that `tta.adapt` returns. `objective='kd'` is t
 baseline: the cross-entropy -Σ_c p_teacher log p_policy (`kd_distill_loss_v2`, T = 1; the KL
 divergence up to the teacher's entropy, the same gradient), teacher logits = the reward CLIP's
 exp(logit_scale) · cos over all classes on the selected views, cached at prepare.
+`objective='pseudo_label'` is the paper's pseudo-label baseline (§4, Table 1), for which the
+repository has no code; our definition: the pseudo-label of each selected view is the policy's
+own top-1 class at the initial (reset) params, fixed at prepare, and the loss is the mean
+cross-entropy of the selected views' logits against them (no reward CLIP is used).
+
+As a method (`METHOD`, `config.model_name='prompts.rlcf'`): `Model` is TPT's (`tpt.Model`: the
+policy CLIP 'clip', zero-shot on "{ctx_init} {name}.") plus the frozen reward CLIPs 'reward_0',
+'reward_1', ... of `reward_variants`, each loaded from its own `config.model_init` part; the
+'tta' evaluator gets them with their weights through the predict function 'tta_clips'. Only the
+embedded demos train it: they pre-fit the policy and the rewards, each by cross-entropy on the
+class prompts (`make_loss`).
 
 Deliberate deviations and choices:
   * Reward text features of ALL C classes are encoded once when the episode is made; the original
@@ -53,8 +64,8 @@ Deliberate deviations and choices:
     the views' batch statistics), which is not reproduced.
   * `ctx_init` is required: it is the reward prompts' prefix (the original's random-init prefix
     'X X X X' would be the reward text too).
-  * No pseudo-label, ATKD or DKD baselines: the repository has no pseudo-label code, and ATKD/DKD
-    (`utils/ATKD.py`, `utils/DKD.py`) are not implemented here.
+  * The pseudo-label baseline is our definition (above): the repository has no code for it.
+    ATKD and DKD (`utils/ATKD.py`, `utils/DKD.py`) are not implemented here.
 """
 from __future__ import annotations
 
@@ -64,15 +75,15 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxprompt import tta
+from jaxprompt import method, optim, tta
 from jaxprompt.models import clip, common
-from jaxprompt.prompts import tpt
+from jaxprompt.prompts import coop, tpt
 
 CLIP_SCORE_WEIGHT = 2.5  # `CLIPRewards(clipscore_weight=2.5)`
 # Raw confidences of the reward CLIPs (`clip_reward.py` CONFIDECES); RLCF-S uses the first three.
 REWARD_CONFIDENCES = {"ViT-L/14@336px": 10, "RN50x64": 3, "ViT-L/14": 5, "ViT-B/16": 1}
 RLCF_S_REWARD_ARCHS = ("ViT-L/14@336px", "RN50x64", "ViT-L/14")
-OBJECTIVES = ("rlcf", "kd")
+OBJECTIVES = ("rlcf", "kd", "pseudo_label")
 DEFAULT_LR = {"prompt": 7e-3, "image": 1e-5}
 
 
@@ -126,6 +137,13 @@ def kd_loss(logits, teacher_logits):
   """-mean_n Σ_c softmax(teacher)_nc · log_softmax(logits)_nc (T = 1, `kd_distill_loss_v2`)."""
   teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
   return -jnp.mean(jnp.sum(teacher * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+
+def pseudo_label_loss(logits, pseudo_labels):
+  """mean_n CE(logits_n, pseudo_labels_n): logits (N, C), pseudo_labels (N,) int (module
+  docstring: the pseudo-label baseline as defined here)."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_probs, pseudo_labels[:, None], axis=-1))
 
 
 def resize_bicubic_align_corners(images, size: int):
@@ -204,7 +222,7 @@ def make_episode(policy_clip, reward_clips, class_names: Sequence[str], vocab_pa
     class_names: the label space, in label order.
     vocab_path: the CLIP BPE vocabulary (`coop.get_tokenizer`), shared by all models.
     mode: 'prompt' (TPT's context) or 'image' (the whole visual tower).
-    objective: 'rlcf' or 'kd'.
+    objective: 'rlcf', 'kd' or 'pseudo_label' (no reward CLIP needed; module docstring).
     n_ctx, ctx_init: the prompt context (`coop.coop_prompts`: with `ctx_init`, its token count
       is n_ctx); `ctx_init` is also the class prompts' prefix (`reward_prompt_prefix`).
     init_ctx: optional (n_ctx, W) reset target of the context (a CoOp checkpoint's ctx,
@@ -227,8 +245,9 @@ def make_episode(policy_clip, reward_clips, class_names: Sequence[str], vocab_pa
   num_classes = len(class_names)
   if not 1 <= top_k <= num_classes:
     raise ValueError(f"top_k={top_k} must be in [1, {num_classes}] (the number of classes).")
-  if not reward_clips:
-    raise ValueError("RLCF needs at least one reward CLIP (reward_clips is empty).")
+  if not reward_clips and objective != "pseudo_label":
+    raise ValueError(f"objective={objective!r} needs at least one reward CLIP (reward_clips is "
+                     f"empty).")
   if objective == "kd" and len(reward_clips) != 1:
     raise ValueError(f"The KD baseline distils one teacher; got {len(reward_clips)} reward CLIPs.")
   if mode == "image" and model.is_resnet:
@@ -266,18 +285,15 @@ def make_episode(policy_clip, reward_clips, class_names: Sequence[str], vocab_pa
   def prepare(tunable0, frozen, views, rng):
     context = base.prepare(tunable0, frozen, views, rng)
     chosen = views[context["selected"]]  # (S, size, size, 3)
-    reward_images = []
-    for r_model, reward in zip(reward_models, frozen["rewards"]):
-      images = chosen
-      if r_model.image_size != images.shape[1]:
-        images = resize_bicubic_align_corners(images, r_model.image_size)
-      reward_images.append(clip.normalize(r_model.apply(reward["variables"], images,
-                                                        method=clip.Model.encode_image)))
+    reward_images = [encode_images(r_model, reward["variables"], chosen)
+                     for r_model, reward in zip(reward_models, frozen["rewards"])]
     context = {**context, "reward_image_features": tuple(reward_images)}
     if objective == "kd":
       teacher = frozen["rewards"][0]
       context["teacher_logits"] = (jnp.exp(teacher["variables"]["params"]["logit_scale"]) *
                                    reward_images[0] @ teacher["text_features"].T)
+    if objective == "pseudo_label":
+      context["pseudo_labels"] = jnp.argmax(policy_logits(tunable0, frozen, context), axis=-1)
     return context
 
   def loss(tunable, frozen, context, rng):
@@ -285,6 +301,8 @@ def make_episode(policy_clip, reward_clips, class_names: Sequence[str], vocab_pa
     logits = policy_logits(tunable, frozen, context)  # (S, C)
     if objective == "kd":
       return kd_loss(logits, context["teacher_logits"])
+    if objective == "pseudo_label":
+      return pseudo_label_loss(logits, context["pseudo_labels"])
     sampled = jax.lax.top_k(logits, top_k)[1]  # (S, K), re-computed every step
     features = [(reward["text_features"], image) for reward, image in
                 zip(frozen["rewards"], context["reward_image_features"])]
@@ -295,7 +313,114 @@ def make_episode(policy_clip, reward_clips, class_names: Sequence[str], vocab_pa
   return episode, tunable0, frozen
 
 
+def encode_images(model: clip.Model, variables, images):
+  """L2-normalised image features (N, E) of `images` (N, S, S, 3) (CLIP-normalised), resized
+  bicubically (align_corners=True) to the model's input size when S differs from it, as the
+  original feeds a reward CLIP (`CLIPRewards.extract_image_features`)."""
+  if images.shape[1] != model.image_size:
+    images = resize_bicubic_align_corners(images, model.image_size)
+  return clip.normalize(model.apply(variables, images, method=clip.Model.encode_image))
+
+
+def encode_texts(model: clip.Model, variables, token_ids):
+  """L2-normalised text features (N, E) of token ids (N, L)."""
+  return clip.normalize(model.apply(variables, token_ids, method=clip.Model.encode_text))
+
+
 def _encode_texts(model: clip.Model, variables, token_ids):
-  """L2-normalised text features (N, E) of token ids (N, L) by a frozen CLIP, float32."""
-  encode = jax.jit(functools.partial(model.apply, method=clip.Model.encode_text))
-  return clip.normalize(encode(variables, jnp.asarray(token_ids)))
+  """`encode_texts` jitted, for the reward text features computed once per episode."""
+  return jax.jit(encode_texts, static_argnums=0)(model, variables, jnp.asarray(token_ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: TPT's model plus the reward CLIPs.
+
+TRAINABLE_PARAMS = r"(clip|reward_\d+)/.*"  # the embedded demos pre-fit policy and rewards
+MAX_REWARDS = 3  # RLCF-S's three reward CLIPs: loaders 'reward_0' .. 'reward_2'
+
+
+def effective_reward_weights(variants: Sequence[str], weights: Sequence[float]) -> tuple:
+  """The reward CLIPs' weights: `weights` when given (one per variant), else 1.0 for one reward
+  (plain RLCF) and `reward_weights(variants)` for several (RLCF-S)."""
+  if not variants:
+    raise ValueError("prompts.rlcf needs at least one reward CLIP: config.model.reward_variants is "
+                     "empty (prompts.tpt is the method without rewards).")
+  if len(variants) > MAX_REWARDS:
+    raise ValueError(f"reward_variants={tuple(variants)}: at most {MAX_REWARDS} reward CLIPs.")
+  if weights:
+    if len(weights) != len(variants):
+      raise ValueError(f"reward_weights={tuple(weights)} has {len(weights)} weights for "
+                       f"{len(variants)} reward_variants {tuple(variants)}: give one per reward "
+                       f"CLIP, or none.")
+    return tuple(float(w) for w in weights)
+  return (1.0,) if len(variants) == 1 else reward_weights(variants)
+
+
+class Model(tpt.Model):
+  """TPT's zero-shot CLIP (`tpt.Model`, submodule 'clip') plus the reward CLIPs 'reward_0', ... of
+  `reward_variants`. Returns (policy logits (B, C), aux {'reward_logits': per reward CLIP (B, C),
+  zero-shot on the same hard prompts, the images resized bicubically (align_corners=True) to its
+  input size when it differs})."""
+  reward_variants: tuple[str, ...] = ("ViT-L/14",)
+  reward_weights: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    effective_reward_weights(self.reward_variants, self.reward_weights)
+    super().__post_init__()
+
+  def setup(self):
+    super().setup()
+    self.reward = [clip.Model(**coop.clip_config(v, self.dtype)) for v in self.reward_variants]
+    self.reward_token_ids = [self.class_prompts(reward.context_length) for reward in self.reward]
+
+  def __call__(self, images, *, train: bool = False):
+    logits, _ = super().__call__(images, train=train)
+    reward_logits = []
+    for reward, token_ids in zip(self.reward, self.reward_token_ids):
+      resized = images if reward.image_size == images.shape[1] else \
+          resize_bicubic_align_corners(images, reward.image_size)
+      reward_logits.append(self.class_logits(reward, resized, token_ids))
+    return logits, {"reward_logits": tuple(reward_logits)}
+
+
+def make_loss(config, source):
+  """The demos' pre-fit: per example, CE(policy logits) + Σ_m CE(reward m's logits), softmax
+  cross-entropy on batch['label'] (config.label_smoothing)."""
+  smoothing = config.get("label_smoothing", 0.0)
+
+  def loss(logits, aux, batch):
+    return sum(optim.cross_entropy(out, batch["label"], source.num_classes, smoothing)
+               for out in (logits, *aux["reward_logits"]))
+  return loss
+
+
+def predict_fns(model: Model, config=None) -> dict:
+  """TPT's (`tpt.predict_fns`: the policy CLIP's functions and 'tta_clips') with the reward CLIPs
+  and their weights (`effective_reward_weights`) in 'tta_clips'."""
+  weights = effective_reward_weights(model.reward_variants, model.reward_weights)
+  return tpt.predict_fns(model, config, rewards=tuple(
+      (f"reward_{i}", variant, weight)
+      for i, (variant, weight) in enumerate(zip(model.reward_variants, weights))))
+
+
+def reward_loader(index: int):
+  """The `config.model_init` part 'reward_{index}': CLIP weights (`clip.load`) into that subtree of
+  every collection; a model with fewer reward CLIPs is an error."""
+  subtree = f"reward_{index}"
+
+  def load(variables, path: str):
+    if subtree not in variables["params"]:
+      raise ValueError(f"config.model_init[{subtree!r}]={path!r}: the model has no reward CLIP "
+                       f"{subtree!r} (its reward CLIPs: "
+                       f"{sorted(k for k in variables['params'] if k.startswith('reward_'))}).")
+    loaded = clip.load(tpt.clip_variables(variables, subtree), path)
+    return {c: {**tree, subtree: loaded[c]} if c in loaded else tree
+            for c, tree in variables.items()}
+  return load
+
+
+METHOD = method.Method(
+    model=Model, trainable=TRAINABLE_PARAMS,
+    loaders={"model": coop.load_clip, **{f"reward_{i}": reward_loader(i)
+                                         for i in range(MAX_REWARDS)}},
+    make_loss=make_loss, predict_fns=predict_fns)

@@ -30,6 +30,12 @@ Follows azshue/TPT `tpt_classification.py` (`test_time_tuning`, `select_confiden
   * predict: the logits of view 0 (the un-augmented view) with the adapted params.
 Params and the optimizer state are reset for every sample (`tta.adapt`).
 
+As a method (`METHOD`, `config.model_name='prompts.tpt'`): `Model` holds the policy CLIP as
+submodule 'clip' and its `__call__` is zero-shot CLIP on the hard prompts "{ctx_init} {name}."
+(what the embedded demos pre-fit; real runs load CLIP weights with `config.mode='eval'`). The
+evaluator 'tta' (`jaxprompt/evaluators/tta.py`) adapts each test sample through the predict
+function 'tta_clips' (`TtaClipsFn`), which hands it the CLIP models and their variables.
+
 Deliberate deviations:
   * fp32 (the originals run under autocast); CLIP's dtype may be bfloat16, the context stays fp32.
   * With `ctx_init`, n_ctx is its token count (TPT: its word count; equal for "a photo of a").
@@ -44,15 +50,17 @@ Deliberate deviations:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprompt import tta
+from jaxprompt import method, tta
 from jaxprompt.models import clip, common
 from jaxprompt.prompts import coop
 
@@ -65,9 +73,10 @@ SELECTION = 0.1  # fraction of the views kept by confidence (64 views -> 6)
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW's defaults
 
 
-def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
-  """torch.optim.AdamW(params, lr, weight_decay=weight_decay) with its default betas and eps."""
-  return optax.adamw(lr, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, weight_decay=weight_decay)
+def make_optimizer(lr: float, weight_decay: float,
+                   eps: float = ADAM_EPS) -> optax.GradientTransformation:
+  """torch.optim.AdamW(params, lr, eps=eps, weight_decay=weight_decay) with its default betas."""
+  return optax.adamw(lr, b1=ADAM_B1, b2=ADAM_B2, eps=eps, weight_decay=weight_decay)
 
 
 def hard_prompt_ids(vocab_path: str, class_names: Sequence[str], prefix: str,
@@ -282,3 +291,109 @@ def load_coop_context(path: str) -> np.ndarray:
                      f"context shared by all classes, (n_ctx, width) (a 3-D context is CoOp's "
                      f"class-specific csc=True).")
   return ctx
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: zero-shot CLIP as the model, the CLIPs handed to the 'tta' evaluator.
+
+TRAINABLE_PARAMS = r"clip/.*"  # only the embedded demos train (they pre-fit the tiny CLIP)
+
+
+def zeroshot_logits(clip_model: clip.Model, images, token_ids):
+  """exp(logit_scale) · cos(images (B, H, W, 3), texts of `token_ids` (C, L)) -> (B, C), inside a
+  bound `clip_model` (CLIP in eval mode: ResNet BatchNorm on running statistics)."""
+  image_features = clip.normalize(clip_model.encode_image(images, train=False))
+  text_features = clip.normalize(clip_model.encode_text(jnp.asarray(token_ids)))
+  return jnp.exp(clip_model.logit_scale) * image_features @ text_features.T
+
+
+def class_prompt_ids(vocab_path: str, class_names: Sequence[str], ctx_init: str,
+                     context_length: int) -> np.ndarray:
+  """`hard_prompt_ids` of "{ctx_init} {name}." ('_' -> ' ' in ctx_init too), cut after the last
+  EOT (the causal text tower gives the same EOT features on fewer positions)."""
+  ids = hard_prompt_ids(vocab_path, class_names, ctx_init.replace("_", " "), context_length)
+  return ids[:, :int(ids.argmax(-1).max()) + 1]
+
+
+class Model(nn.Module):
+  """CLIP with the hard class prompts "{ctx_init} {name}.": `(images, train)` -> (zero-shot logits
+  (B, num_classes), aux {}). Params: `clip/...` (`clip.Model` of `variant`)."""
+  num_classes: int
+  class_names: Sequence[str] = ()
+  variant: str = "ViT-B/16"
+  vocab_path: str = ""
+  dtype: Any = jnp.float32
+  ctx_init: str = "a photo of a"
+
+  def setup(self):
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(
+          f"TPT needs one class name per class: got {len(self.class_names)} names for "
+          f"{self.num_classes} classes (the data source provides `class_names`, or set "
+          f"config.model.class_names).")
+    if not self.ctx_init:
+      raise ValueError("The TPT/RLCF model prompts the classes with '{ctx_init} {name}.'; "
+                       "config.model.ctx_init is empty.")
+    self.clip = clip.Model(**coop.clip_config(self.variant, self.dtype))
+    self.token_ids = self.class_prompts(self.clip.context_length)
+
+  def class_prompts(self, context_length: int) -> np.ndarray:
+    """`class_prompt_ids` of the classes. A source without classes (image-text retrieval) gets
+    the bare prompt, so that the text tower still runs and its params exist."""
+    return class_prompt_ids(self.vocab_path, tuple(self.class_names) or ("",), self.ctx_init,
+                            context_length)
+
+  def class_logits(self, tower: clip.Model, images, token_ids):
+    """`zeroshot_logits` (B, num_classes) of a bound CLIP (no classes: (B, 0))."""
+    return zeroshot_logits(tower, images, token_ids)[:, :self.num_classes]
+
+  def __call__(self, images, *, train: bool = False):
+    del train  # CLIP in eval mode, as the originals' TTA
+    return self.class_logits(self.clip, images, self.token_ids), {}
+
+
+class TtaClips(NamedTuple):
+  """What the 'tta' evaluator adapts with: policy (clip.Model, clip variables); rewards
+  ((clip.Model, clip variables, weight), ...) (TPT: none)."""
+  policy: tuple
+  rewards: tuple = ()
+
+
+def clip_variables(variables, subtree: str) -> dict:
+  """The variables of the CLIP submodule `subtree` ('clip', 'reward_0', ...) of a model's
+  variables: that subtree of every collection that has it."""
+  return {c: tree[subtree] for c, tree in variables.items() if subtree in tree}
+
+
+@dataclasses.dataclass(frozen=True)
+class TtaClipsFn:
+  """The predict function 'tta_clips': host-side `(variables) -> TtaClips` of a TPT/RLCF model.
+  It also tells the evaluator, before any variables exist, the model's label space
+  (`class_names`), its vocabulary and how many reward CLIPs it has.
+
+  policy: (subtree, CLIP variant) of the policy; rewards: ((subtree, variant, weight), ...)."""
+  class_names: tuple
+  vocab_path: str
+  dtype: Any
+  policy: tuple
+  rewards: tuple = ()
+
+  def __call__(self, variables) -> TtaClips:
+    def tower(subtree, variant):
+      return clip.Model(**coop.clip_config(variant, self.dtype)), clip_variables(variables,
+                                                                                 subtree)
+    return TtaClips(tower(*self.policy),
+                    tuple((*tower(subtree, variant), weight)
+                          for subtree, variant, weight in self.rewards))
+
+
+def predict_fns(model: Model, config=None, rewards: tuple = ()) -> dict:
+  """`coop.clip_predict_fns` (the policy CLIP 'clip') plus 'tta_clips' (`TtaClipsFn`); `rewards`:
+  the reward CLIPs as `TtaClipsFn.rewards` (RLCF's model)."""
+  return {**coop.clip_predict_fns(model, config),
+          "tta_clips": TtaClipsFn(tuple(model.class_names), model.vocab_path, model.dtype,
+                                  ("clip", model.variant), tuple(rewards))}
+
+
+METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS, loaders={"model": coop.load_clip},
+                       predict_fns=predict_fns)

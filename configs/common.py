@@ -189,7 +189,7 @@ TTA_IMAGENET = ("imagenet/val", "imagenet_a", "imagenet_v2", "imagenet_r", "imag
 # TPT's fine-grained sets (`coop/<name>`), in the order of its tables.
 TTA_FINEGRAINED = ("oxford_flowers", "dtd", "oxford_pets", "stanford_cars", "ucf101",
                    "caltech101", "food101", "sun397", "fgvc_aircraft", "eurosat")
-# The demo: views, selection and pre-fit of the embedded run (`use_tta_demo`).
+# The demo: views, selection and pre-fit of the embedded run (`tta_demo`).
 TTA_DEMO_VIEWS, TTA_DEMO_SELECTION = 16, 0.25  # 16 views keep 4 (0.1 would keep 1)
 TTA_DEMO_POLICY, TTA_DEMO_REWARD = "ViT-mu/8", "ViT-mu/4"
 TTA_DEMO_TEST_EXAMPLES = 500
@@ -225,7 +225,7 @@ def tta_eval(method: str, **settings) -> dict:
   return dict(type="tta", split="test", method=method, **settings)
 
 
-def use_tta_demo(config, *, augmix: bool = False, rlcf_steps: int = 3) -> None:
+def tta_demo(*, augmix: bool = False, rlcf_steps: int = 3) -> ml_collections.ConfigDict:
   """The TTA configs' embedded demo: the named shapes with the 'zoom_out' shift of the test split
   (squares shrunk and dulled; its first TTA_DEMO_TEST_EXAMPLES examples), the policy CLIP
   TTA_DEMO_POLICY and a different reward CLIP TTA_DEMO_REWARD (finer patches and wider, as
@@ -238,12 +238,9 @@ def use_tta_demo(config, *, augmix: bool = False, rlcf_steps: int = 3) -> None:
   (TPT 1 step lr 5e-3 wd 0.01; RLCF `rlcf_steps` steps lr 7e-3 wd 5e-4 K 3) on TTA_DEMO_VIEWS
   views of 32 px (AugMix-ed with `augmix`), of which TTA_DEMO_SELECTION keep 4."""
   from input_pipeline import embedded_clip  # pylint: disable=g-import-not-at-top
-  config.mode = "train"
-  config.model_name = "prompts.rlcf"
-  config.model = ml_collections.ConfigDict(dict(
+  config = base_config(model_name="prompts.rlcf", model=dict(
       variant=TTA_DEMO_POLICY, vocab_path=embedded_clip.byte_vocabulary(),
       ctx_init="a photo of a", reward_variants=(TTA_DEMO_REWARD,), reward_weights=()))
-  config.model_init = ""
   config.trainable_params = ".*"
   config.dataset = embedded_clip.NAME
   config.dataset_kwargs = ml_collections.ConfigDict(dict(shift="zoom_out",
@@ -261,3 +258,4 @@ def use_tta_demo(config, *, augmix: bool = False, rlcf_steps: int = 3) -> None:
       tpt=tta_eval("tpt", selection=TTA_DEMO_SELECTION),
       rlcf=tta_eval("rlcf", steps=rlcf_steps, lr=7e-3, weight_decay=5e-4, top_k=3,
                     selection=TTA_DEMO_SELECTION)))
+  return config

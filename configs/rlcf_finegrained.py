@@ -58,10 +58,7 @@ def get_config(arg=None):
     raise ValueError("method=tpt has no reward CLIP and no momentum buffer: drop rewards and "
                      "momentum.")
   if not arg.dataset:
-    config = common.tta_base(model_name="prompts.rlcf", model={}, model_init_parts=(),
-                             batch_size=arg.batch)
-    common.use_tta_demo(config, augmix=True, rlcf_steps=PROMPT_STEPS)
-    return config
+    return common.tta_demo(augmix=True, rlcf_steps=PROMPT_STEPS)
   if arg.dataset not in common.TTA_FINEGRAINED:
     raise ValueError(f"dataset={arg.dataset!r}: expected one of {common.TTA_FINEGRAINED} ('' = "
                      f"the demo; the ImageNet family is configs/rlcf_imagenet.py).")

@@ -84,10 +84,7 @@ def get_config(arg=None):
                      f"coop_ctx is only read by it; got variant={arg.variant!r}, "
                      f"coop_ctx={arg.coop_ctx!r}.")
   if not arg.dataset:
-    config = common.tta_base(model_name="prompts.rlcf", model={}, model_init_parts=(),
-                             batch_size=arg.batch)
-    common.use_tta_demo(config)
-    return config
+    return common.tta_demo()
   if arg.dataset not in common.TTA_IMAGENET:
     raise ValueError(f"dataset={arg.dataset!r}: expected one of {common.TTA_IMAGENET} ('' = the "
                      f"demo; the fine-grained sets are configs/rlcf_finegrained.py).")

@@ -64,10 +64,7 @@ def get_config(arg=None):
     raise ValueError(f"coop_ctx initialises the prompt context; mode={arg.mode!r} tunes the "
                      f"visual tower.")
   if not arg.dataset:
-    config = common.tta_base(model_name="prompts.rlcf", model={}, model_init_parts=(),
-                             batch_size=arg.batch)
-    common.use_tta_demo(config)
-    return config
+    return common.tta_demo()
   if arg.dataset not in common.TTA_IMAGENET:
     raise ValueError(f"dataset={arg.dataset!r}: expected one of {common.TTA_IMAGENET} ('' = the "
                      f"demo; TPT on the fine-grained sets: configs/rlcf_finegrained.py:"

@@ -109,6 +109,25 @@ class Checkpointer:
     self._manager.close()
 
 
+def read_run(directory: str) -> tuple[int, dict]:
+  """(step, checkpointed state) of the newest checkpoint of another run of this library, read as it
+  was saved (no target: {'params': the trainable params, 'opt_state', 'step', ...}), e.g. a CoOp
+  run's prompt context for TPT. `directory`: the run's workdir or its `checkpoints` folder."""
+  folder = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(folder, "checkpoints")):
+    folder = os.path.join(folder, "checkpoints")
+  manager = ocp.CheckpointManager(folder) if os.path.isdir(folder) else None
+  try:
+    step = manager.latest_step() if manager else None
+    if step is None:
+      raise FileNotFoundError(f"{directory!r} holds no checkpoint of a jaxprompt run (expected "
+                              f"<workdir>/checkpoints/<step>/ as training writes them).")
+    return step, manager.restore(step)
+  finally:
+    if manager:
+      manager.close()
+
+
 def _all_finite(tree) -> bool:
   """Whether every float array of `tree` is finite (one jitted reduction; works on sharded and
   multi-host arrays)."""

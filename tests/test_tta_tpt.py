@@ -19,8 +19,9 @@ import pytest
 import torch
 import transformers
 
+from configs import coop as coop_config
 from input_pipeline import embedded_clip
-from jaxprompt import tta
+from jaxprompt import checkpointing, train, tta
 from jaxprompt.models import clip, common
 from jaxprompt.prompts import coop, tpt
 
@@ -382,3 +383,25 @@ def test_coop_context_from_a_dassl_checkpoint_and_npz(shared, vocab, tmp_path):
   np.savez(tmp_path / "other.npz", weights=ctx)
   with pytest.raises(ValueError, match=r"no CoOp context.*\['weights'\]"):
     tpt.load_coop_context(tmp_path / "other.npz")
+
+
+def test_coop_context_from_a_coop_run_of_this_library(tmp_path):
+  """TPT + CoOp with a CoOp context trained here: `load_coop_context(workdir)` is the trained
+  context of the run's latest checkpoint (n_ctx=4, shared); a folder without one is an error."""
+  config = coop_config.get_config("n_ctx=4")
+  config.unlock()
+  config.total_steps, config.checkpoint_every_steps = 2, 2
+  config.evals = {}
+  config.optim.update(lr=0.5, warmup_epochs=0)  # so that the two steps move the context visibly
+  train.train_and_evaluate(config, str(tmp_path / "coop"))
+  exp = train.build(config)
+  init = np.asarray(exp.state["params"]["prompt_learner"]["ctx"])
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "coop" / "checkpoints"), keep=1)
+  trained = np.asarray(ckpt.restore(2, exp.checkpointed(exp.state))["params"]["prompt_learner"]
+                       ["ctx"])
+  ckpt.close()
+  loaded = tpt.load_coop_context(tmp_path / "coop")
+  assert loaded.shape == (4, 32) and not np.array_equal(trained, init)
+  np.testing.assert_array_equal(loaded, trained)
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint of a jaxprompt run"):
+    tpt.load_coop_context(tmp_path)

@@ -55,12 +55,13 @@ import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprompt import method, tta
+from jaxprompt import checkpointing, method, tta
 from jaxprompt.models import clip, common
 from jaxprompt.prompts import coop
 
@@ -265,13 +266,20 @@ def _image_mode(clip_model, clip_variables, class_names, vocab_path, *, n_ctx, c
 def load_coop_context(path: str) -> np.ndarray:
   """The shared context (n_ctx, W) float32 of a CoOp checkpoint, as TPT's `--load` reads it
   (`torch.load(path)['state_dict']['ctx']`): KaiyangZhou/CoOp's `prompt_learner/model.pth.tar-N`
-  (any name; read with `torch.load(weights_only=True)`), a plain state dict with 'ctx', or an
-  `.npz` with 'ctx' or 'prompt_learner/ctx'. Raises a ValueError naming the file when the context
-  is missing or not 2-D (CoOp's class-specific contexts are 3-D; TPT tunes a shared one)."""
+  (any name; read with `torch.load(weights_only=True)`), a plain state dict with 'ctx', an
+  `.npz` with 'ctx' or 'prompt_learner/ctx', or the workdir of a CoOp run of this library
+  (`configs/coop.py:n_ctx=4`; its latest checkpoint, `checkpointing.read_run`). Raises a
+  ValueError naming the file when the context is missing or not 2-D (CoOp's class-specific
+  contexts are 3-D; TPT tunes a shared one)."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if os.path.isdir(path):  # a CoOp run of this library: its latest checkpoint's trained params
+    step, state = checkpointing.read_run(path)
+    arrays = traverse_util.flatten_dict(state["params"], sep="/")
+    names = ("prompt_learner/ctx",)
+    path = f"{path} (step {step})"
+  elif not os.path.isfile(path):
     raise FileNotFoundError(f"CoOp checkpoint {path!r} does not exist.")
-  if path.lower().endswith(".npz"):
+  elif path.lower().endswith(".npz"):
     arrays = common.load_npz(path)
     names = ("ctx", "prompt_learner/ctx")
   else:

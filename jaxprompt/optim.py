@@ -474,9 +474,11 @@ def parameter_table(params, labels) -> str:
   lines = [f"{'group':<{width}}{'params':>14}{'trainable':>14}"]
   lines += [f"{g:<{width}}{c:>14,}{t:>14,}" for g, (c, t) in sorted(rows.items())]
   lines.append(f"{'total':<{width}}{total:>14,}{trainable:>14,}")
-  pct = 100.0 * trainable / frozen if frozen else float("inf")
-  lines.append(f"trainable: {trainable:,} params = {pct:.3f}% of the frozen backbone "
-               f"({frozen:,} params)")
+  if frozen:
+    lines.append(f"trainable: {trainable:,} params = {100.0 * trainable / frozen:.3f}% of the "
+                 f"frozen backbone ({frozen:,} params)")
+  else:
+    lines.append(f"trainable: all {trainable:,} params (nothing frozen)")
   return "\n".join(lines)
 
 

@@ -60,3 +60,26 @@ def run_on_cpu_devices(code: str, devices: int, timeout: int = 300) -> str:
                         text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   return proc.stdout
+
+
+def tiny_hf_clip(*, vocab_size: int = 49408, logit_scale: float = 100.0):
+  """A random transformers CLIPModel at ViT-mu/8 sizes (2 layers, width 32, 32 px, embedding 16),
+  in eval mode, its norms and biases perturbed so that they count in a parity test."""
+  import math  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  (only the parity tests need it)
+  import transformers  # pylint: disable=import-outside-toplevel
+  config = transformers.CLIPConfig(
+      vision_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2,
+                         num_hidden_layers=2, patch_size=8, image_size=32),
+      text_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2,
+                       num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=77),
+      projection_dim=16)
+  torch.manual_seed(0)
+  hf = transformers.CLIPModel(config).eval()
+  generator = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if "norm" in name or "layrnorm" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    hf.logit_scale.fill_(math.log(logit_scale))
+  return hf

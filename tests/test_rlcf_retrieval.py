@@ -13,7 +13,6 @@ vocabulary makes every character one token. Marked slow: the i2t evaluator run (
 covers the same bookkeeping) and the embedded demo end to end through the trainer.
 """
 import json
-import math
 import os
 
 import jax
@@ -33,6 +32,7 @@ from jaxprompt import sharding, tta
 from jaxprompt.evaluators import common, tta_retrieval
 from jaxprompt.models import clip, common as model_common
 from jaxprompt.prompts import coop, rlcf, rlcf_retrieval
+from conftest import tiny_hf_clip  # pylint: disable=import-error
 
 CAPTIONS = ("a red square", "the blue circle", "a dog on grass", "two cats", "a green tree",
             "a yellow car", "the sea at night", "a small bird", "an old house", "a tall man")
@@ -64,20 +64,7 @@ def shared(vocab):
   random tiny reward CLIP (both towers' final LayerNorm biases set to ones and one projection
   shared, so that its random image and text features correlate: CLIP-S positive and varied);
   query images and the candidate captions' token ids."""
-  config = transformers.CLIPConfig(
-      vision_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2,
-                         num_hidden_layers=2, patch_size=8, image_size=32),
-      text_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2,
-                       num_hidden_layers=2, vocab_size=VOCAB_SIZE, max_position_embeddings=77),
-      projection_dim=16)
-  torch.manual_seed(0)
-  hf = transformers.CLIPModel(config).eval()
-  generator = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in hf.named_parameters():  # make norms and biases count
-      if "norm" in name or "layrnorm" in name or name.endswith("bias"):
-        p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    hf.logit_scale.fill_(math.log(30.0))
+  hf = tiny_hf_clip(vocab_size=VOCAB_SIZE, logit_scale=30.0)
   model = clip.Model(**dict(clip.decode_variant("ViT-mu/8"), vocab_size=VOCAB_SIZE))
   variables = model_common.merge_params(convert(hf), clip.init_variables_like(model))
   reward = clip.Model(**dict(clip.decode_variant("ViT-mu/8"), vocab_size=VOCAB_SIZE,
@@ -401,6 +388,13 @@ def test_embedded_captioned_shapes():
   assert examples[0]["captions"][0].decode() == captions[0][0]
   with pytest.raises(ValueError, match="limit=0"):
     embedded_captions.CaptionedShapesSource(limit=0)
+  # The shift: the test images zoomed out, their captions still those of the clean scenes.
+  shifted = embedded_captions.CaptionedShapesSource(limit=6, shift="zoom_out")
+  assert shifted.captions("test") == captions
+  np.testing.assert_array_equal(shifted.arrays("test")[0], embedded_clip.zoom_out(images))
+  np.testing.assert_array_equal(shifted.arrays("train")[0], source.arrays("train")[0])
+  with pytest.raises(ValueError, match="shift='blur'"):
+    embedded_captions.CaptionedShapesSource(shift="blur")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,7 +499,8 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_a_real_run_adapts_every_caption_of_a_karpathy_json(tmp_path):
   """configs/rlcf_retrieval.py:dataset=flickr,direction=t2i end to end through the trainer (eval
   mode: no pre-fit), on a LAVIS-style Flickr30K test json written here (3 PNG images, 2 + 3 + 1
-  captions), tiny random CLIPs at 32 px: every caption is a query, every image a candidate."""
+  captions), tiny random CLIPs at 32 px (the reward a second ViT-mu/8: compiling an RN-mu would
+  double the test's time): every caption is a query, every image a candidate."""
   from configs import rlcf_retrieval as config_module
   from jaxprompt import train
   root = str(tmp_path / "flickr30k")
@@ -524,12 +519,13 @@ def test_a_real_run_adapts_every_caption_of_a_karpathy_json(tmp_path):
   config = config_module.get_config("dataset=flickr,direction=t2i")
   assert config.mode == "eval" and config.dataset == "flickr30k_karpathy"
   config.dataset_kwargs.root = root
-  config.model.update(variant="ViT-mu/8", reward_variants=("RN-mu",), vocab_path=vocab)
+  config.model.update(variant="ViT-mu/8", reward_variants=("ViT-mu/8",), vocab_path=vocab)
   config.eval_random_init = True
   config.pp.train = common_configs.vtab_pp(32, "clip")
   config.pp.eval = (f"{common_configs.vtab_pp(32, 'clip')}|clip_tokenize('{vocab}', "
                     "key='captions', max_captions=5)")
   config.evals.t2i.top_k = 2  # of the 3 candidate images
+  config.batch_size = config.eval_batch_size = 2  # 3 query chunks, the last one padded
   final = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert final["t2i/examples"] == 3 and final["t2i/captions"] == 6
   for prefix in ("", "zeroshot_"):

@@ -10,7 +10,6 @@ and views, so the JAX engine, prompt layout, loss and optimizer are all checked 
 byte-level vocabulary the project writes itself makes "a b c d" four context tokens. The image
 mode's PyTorch parity (training the whole visual tower) is marked slow.
 """
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from input_pipeline import embedded_clip
 from jaxprompt import checkpointing, train, tta
 from jaxprompt.models import clip, common
 from jaxprompt.prompts import coop, tpt
+from conftest import tiny_hf_clip  # pylint: disable=import-error
 
 NAMES = ("red square", "green_circle", "blue star", "cat", "dog")
 WORDS = "a b c d"  # four tokens with the byte-level vocabulary
@@ -45,20 +45,7 @@ def vocab(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shared():
   """A random transformers CLIP at ViT-mu/8 sizes and the same weights as our CLIP."""
-  config = transformers.CLIPConfig(
-      vision_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2,
-                         num_hidden_layers=2, patch_size=8, image_size=32),
-      text_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2,
-                       num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77),
-      projection_dim=16)
-  torch.manual_seed(0)
-  hf = transformers.CLIPModel(config).eval()
-  generator = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in hf.named_parameters():  # make norms and biases count
-      if "norm" in name or "layrnorm" in name or name.endswith("bias"):
-        p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    hf.logit_scale.fill_(math.log(100.0))
+  hf = tiny_hf_clip()
   model = clip.Model(**clip.decode_variant("ViT-mu/8"))
   converted = clip.convert_state_dict({k: v.numpy() for k, v in hf.state_dict().items()},
                                       vision_heads=2, text_heads=2)

@@ -39,7 +39,7 @@ Expected results (RLCF project page, policy CLIP-ViT-B/16, R@1; the paper's retr
   model_init parts reward_0..2 (weights 0.56 / 0.17 / 0.28). RLCF-S-M's momentum buffer is not
   implemented for retrieval.
 
-The demo is configs/common.py's TTA demo (`use_tta_demo`) made a retrieval one: the policy
+The demo is configs/common.py's TTA demo (`tta_demo`) made a retrieval one: the policy
 TTA_DEMO_POLICY (ViT-mu/8) and the reward TTA_DEMO_REWARD (ViT-mu/4: finer patches and wider, as
 ViT-L/14 against ViT-B/16), both random-init and pre-fit together for 800 steps (AdamW lr 2e-3,
 weight decay 0.01, 80 warm-up steps) on the clean train split's 10 class prompts; the 100 test

@@ -187,6 +187,9 @@ def test_the_helpers_name_the_originals_sets():
     assert f"coop/{dataset}" in input_pipeline.SOURCE_NAMES
 
 
+@pytest.mark.slow  # 16 s alone, 92 s late in the full suite: the default suite runs the Karpathy
+# real config end to end (test_rlcf_retrieval.py) and prompts.rlcf in eval mode on views
+# (test_tta_evaluator.py)
 def test_a_real_run_adapts_every_sample_of_mocked_imagenet_a_in_its_200_class_space(tmp_path):
   """configs/rlcf_imagenet.py:dataset=imagenet_a end to end through the trainer (eval mode), with
   tiny random CLIPs and 8 views of 32 px: every test image (5x7 px: upscaled, not an error) is

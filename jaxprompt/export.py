@@ -145,9 +145,10 @@ def load_artefact(path: str) -> Artefact:
 
 
 def check_compatible(record: Artefact, params: dict, *, method: str,
-                     shapes: dict | None = None) -> None:
+                     shapes: dict | None = None, fingerprint: str | None = None) -> None:
   """Refuses (ValueError) `record` on `params` when the method, the frozen backbone's fingerprint
-  or a param's shape differs. `shapes`: name -> shape expected instead of `params`' own."""
+  or a param's shape differs. `shapes`: name -> shape expected instead of `params`' own;
+  `fingerprint`: the backbone's, when already computed (one hash for many artefacts)."""
   if record.method != method:
     raise ValueError(f"Prompt artefact {record.path!r} is of method {record.method!r}; the "
                      f"backbone runs {method!r}.")
@@ -160,7 +161,7 @@ def check_compatible(record: Artefact, params: dict, *, method: str,
     if tuple(value.shape) != want:
       raise ValueError(f"Prompt artefact {record.path!r}: {name!r} has shape "
                        f"{tuple(value.shape)}, the model's has {want}.")
-  fingerprint = backbone_fingerprint(params, record.flat_params())
+  fingerprint = fingerprint or backbone_fingerprint(params, record.flat_params())
   if fingerprint != record.fingerprint:
     raise ValueError(f"Prompt artefact {record.path!r} (task {record.task!r}) was trained on the "
                      f"backbone with fingerprint {record.fingerprint}; this backbone's is "

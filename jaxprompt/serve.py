@@ -67,13 +67,15 @@ class Server:
     self.num_classes = [int(r.flat_params()[HEAD[1]].shape[-1]) for r in records]
     width = max(self.num_classes)
     backbone_flat = traverse_util.flatten_dict(backbone["params"], sep="/")
+    fingerprint = export.backbone_fingerprint(backbone["params"], names)  # once, for all tasks
     for record in records:
       if sorted(record.flat_params()) != names:
         raise ValueError(f"Prompt artefact {record.path!r} holds the params "
                          f"{sorted(record.flat_params())}; {records[0].path!r} holds {names}.")
       head = {k: np.shape(backbone_flat[k])[:-1] + record.flat_params()[k].shape[-1:]
               for k in HEAD if k in backbone_flat}
-      export.check_compatible(record, backbone["params"], method=self.method_name, shapes=head)
+      export.check_compatible(record, backbone["params"], method=self.method_name, shapes=head,
+                              fingerprint=fingerprint)
     stacked = {name: np.stack([_pad_head(name, r.flat_params()[name], width) for r in records])
                for name in names}  # name -> (T, ...)
     self._trainable = jax.tree.map(jnp.asarray, stacked)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 
-from input_pipeline import coco_detection, imagenet_variants, karpathy, odinw, video_retrieval
+from input_pipeline import (coco_detection, imagenet_variants, karpathy, nocaps, odinw,
+                            video_retrieval)
 from input_pipeline.base import DataNotFoundError, DataSource
 from input_pipeline.coop_datasets import COOP_DATASETS, CoopSource
 from input_pipeline.embedded import ShapesSource
@@ -71,6 +72,7 @@ SOURCES: dict = {
     **_family("coop", COOP_DATASETS, CoopSource),
     **karpathy.SOURCES,
     "embedded/captioned_shapes": _in_memory(CaptionedShapesSource),
+    nocaps.NAME: nocaps.make_source,
 }
 SOURCE_NAMES = tuple(SOURCES)
 
@@ -127,11 +129,14 @@ def get_source(name: str, *, data_dir: str | None = None, **kwargs) -> DataSourc
     oxford_flowers, dtd, oxford_pets, stanford_cars, ucf101, caltech101, food101, sun397,
     fgvc_aircraft, eurosat); kwargs root=<dataset folder> or data_dir=<CoOp's $DATA>,
     check_num_classes, skip_bad_images, check_images.
-  coco_karpathy, flickr30k_karpathy: image-text retrieval on the Karpathy splits from LAVIS's
-    annotation jsons and an image folder (karpathy.py; kwargs root= or data_dir=, image_root,
-    annotations={split: path}, splits).
+  coco_karpathy, flickr30k_karpathy: image-text retrieval and captioning on the Karpathy splits
+    from LAVIS's annotation jsons and an image folder (karpathy.py; kwargs root= or data_dir=,
+    image_root, annotations={split: path}, splits, captions='clean' (retrieval) or 'raw'
+    (captioning)).
+  nocaps: NoCaps val for captioning, splits 'val', 'in-domain', 'near-domain', 'out-domain'
+    (nocaps.py; kwargs root= or data_dir=, image_root, annotations).
   embedded/captioned_shapes: the named shapes with 2-3 generated captions each, for retrieval
-    (embedded_captions.py; kwargs limit, shots, seed).
+    and captioning (embedded_captions.py; kwargs limit, shots, seed, shift, train_pairs).
   """
   if name not in SOURCES:
     raise ValueError(f"Unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}.")

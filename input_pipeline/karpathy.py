@@ -1,9 +1,13 @@
-"""MS-COCO and Flickr30K image-text retrieval on the Karpathy splits, from LAVIS's annotation files.
+"""MS-COCO and Flickr30K on the Karpathy splits, from LAVIS's annotation files: image-text
+retrieval and captioning.
 
 Follows salesforce/LAVIS (as vendored by mzhaoshuai/RLCF `retrieval/lavis/`):
 `datasets/datasets/retrieval_datasets.py` (`RetrievalDataset`, `RetrievalEvalDataset`),
-`configs/datasets/coco/defaults_ret.yaml` and `configs/datasets/flickr30k/defaults.yaml` (file
-names), `processors/blip_processors.py` (`BlipCaptionProcessor.pre_caption`, max_words 50).
+`configs/datasets/coco/defaults_ret.yaml`, `defaults_cap.yaml` and
+`configs/datasets/flickr30k/defaults.yaml` (file names), `processors/blip_processors.py`
+(`BlipCaptionProcessor.pre_caption`, max_words 50); for captioning RLCF `caption/image_llm/
+datasets/coco_cap.py` (`COCOCapDatasetForEmbedding`, `Flickr30kCapDatasetForEmbedding`) and
+`caption/tools/convert_dataset_gt.py` (the references the scorer reads).
 
   coco_karpathy        coco_karpathy_{train,val,test}.json: 5k val and 5k test images (about 5
                        captions each; 25,010 test captions), 113k train images
@@ -16,19 +20,32 @@ pair, {'image', 'caption': one string, 'image_id'}. Every entry is one example
 
   {'image': the path (raw) -> uint8 (H, W, 3) after `decode`, 'captions': (C,) strings}
 
-(train: C = 1, in the file's order, as LAVIS's `RetrievalDataset`), with `batch_keys`
-{'caption_tokens': int32}: the pp spec tokenises 'captions' (`clip_tokenize(vocab,
-key='captions', max_captions=C_max)`). Captions are cleaned as `pre_caption` does (`clean_caption`):
-lower case; each of . ! " ( ) * # : ; ~ replaced by a space; runs of two or more whitespace
-characters collapsed to one space; trailing newlines and surrounding spaces stripped; then cut to
-the first 50 space-separated words. No labels (`num_classes` = 0). `max_captions[split]` is the
-most captions an image of the split has.
+(train: C = 1, in the file's order, as LAVIS's `RetrievalDataset` and RLCF's captioning training
+set, one example per (image, caption) pair; val/test: one example per image with all its
+captions, the references of captioning), with `batch_keys` {'caption_tokens': int32}: the pp spec
+tokenises 'captions' (`clip_tokenize(vocab, key='captions', max_captions=C_max)`). No labels
+(`num_classes` = 0). `max_captions[split]` is the most captions an image of the split has.
+
+Captions (kwarg captions=): 'clean' (the default, retrieval) as `pre_caption` does
+(`clean_caption`): lower case; each of . ! " ( ) * # : ; ~ replaced by a space; runs of two or
+more whitespace characters collapsed to one space; trailing newlines and surrounding spaces
+stripped; then cut to the first 50 space-separated words. 'raw' (captioning): as the json has
+them, unchanged, as RLCF's captioner trains on them and the COCO scorer reads them as references
+(it tokenises them itself).
+
+Image ids (`image_ids(split)`, the keys of `references(split)` = {image id: [captions]}, what
+`jaxprompt.evaluators.caption_metrics.score_captions` takes): the number that ends the image's
+file name, as the originals derive them (COCO 'val2014/COCO_val2014_000000391895.jpg' -> 391895,
+LAVIS `COCOCapEvalDataset`; Flickr30K 'flickr30k-images/1000092795.jpg' -> 1000092795, RLCF
+`Flickr30kCapDatasetForEmbedding`); kept host-side (Flickr30K ids overflow int32). A file name
+without such a number is an error when the ids are asked for.
 
 Files: kwargs root=<the folder holding the annotation jsons> or data_dir=<its parent> with the
 folder named coco / flickr30k; image_root=<the folder the 'image' paths are relative to> (default:
 root); annotations={split: path} to name other json files; splits=(...) to read only some splits
 (default: every split whose json exists). Checked when the source is built: a missing annotation
 file or image is a `base.DataNotFoundError` naming it (and, for images, the json listing them).
+`CaptionedImagesSource` is the part that NoCaps (`nocaps.py`) shares.
 """
 from __future__ import annotations
 
@@ -50,7 +67,9 @@ DATASETS = {
     "flickr30k_karpathy": ("flickr30k", {s: f"flickr30k_{s}.json"
                                          for s in ("train", "val", "test")}),
 }
+CAPTION_MODES = ("clean", "raw")  # retrieval: LAVIS's pre_caption; captioning: as in the json
 _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
 _WHITESPACE_RUNS = re.compile(r"\s{2,}")
 
 
@@ -85,40 +104,69 @@ def read_annotations(path: str) -> list[tuple[str, list[str]]]:
   return examples
 
 
-class KarpathySource(base.DataSource):
-  """Images on disk with their cleaned captions (module docstring)."""
+def image_id_from_path(path: str) -> Optional[int]:
+  """The number that ends the file name without its extension, or None (module docstring)."""
+  match = _TRAILING_NUMBER.search(os.path.splitext(os.path.basename(path))[0])
+  return int(match.group(1)) if match else None
+
+
+def references_by_image(image_ids: Sequence[int],
+                        captions: Sequence[Sequence[str]]) -> dict[int, list[str]]:
+  """{image id: its captions}, in order; examples of the same image (train pairs) merged."""
+  references: dict[int, list[str]] = {}
+  for image_id, texts in zip(image_ids, captions):
+    references.setdefault(image_id, []).extend(texts)
+  return references
+
+
+class CaptionedImagesSource(base.DataSource):
+  """Image files, each example with its captions and an image id (module docstring).
+
+  examples: {split: (image paths, [[captions] per example], [image id or None per example])};
+  listed_in: {split: the file that lists them}, for the errors."""
 
   num_classes = 0
-  batch_keys = {"caption_tokens": tf.int32}
+  batch_keys = {"caption_tokens": tf.int32,
+                "caption_ids": tf.int32}  # captioning: `opt_tokenize`
 
-  def __init__(self, name: str, annotations: Mapping[str, str], image_root: str):
-    self.name, self.image_root, self.splits = name, image_root, tuple(annotations)
-    self.annotations = dict(annotations)
-    self.max_captions: dict[str, int] = {}
-    self._examples = {}
-    files = {}
-    for split, path in annotations.items():
-      entries = read_annotations(path)
-      paths = [os.path.join(image_root, image) for image, _ in entries]
-      captions = [[clean_caption(c) for c in raw] for _, raw in entries]
-      self._examples[split] = (np.array(paths, dtype=object), captions)
-      self.max_captions[split] = max(len(c) for c in captions)
-      files[split] = (paths, [0] * len(paths))
-    file_list.check_files_exist(name, files, self.annotations)
+  def __init__(self, name: str, examples: Mapping[str, tuple], listed_in: Mapping[str, str]):
+    self.name, self.splits = name, tuple(examples)
+    self._examples = {split: (np.array(paths, dtype=object), captions, ids)
+                      for split, (paths, captions, ids) in examples.items()}
+    self.max_captions = {split: max(len(c) for c in captions)
+                         for split, (_, captions, _) in examples.items()}
+    file_list.check_files_exist(
+        name, {split: (paths, []) for split, (paths, _, _) in examples.items()}, listed_in)
+    self.listed_in = dict(listed_in)
 
   def num_examples(self, split: str) -> int:
     self.check_split(split)
     return len(self._examples[split][0])
 
   def captions(self, split: str) -> list[list[str]]:
-    """The cleaned captions of every example of `split`, in order."""
+    """The captions of every example of `split`, in order."""
     self.check_split(split)
     return self._examples[split][1]
+
+  def image_ids(self, split: str) -> list[int]:
+    """The image id of every example of `split`, in order (module docstring)."""
+    self.check_split(split)
+    paths, _, ids = self._examples[split]
+    if None in ids:
+      path = paths[ids.index(None)]
+      raise ValueError(f"Data source {self.name!r}: image {path} (listed in "
+                       f"{self.listed_in[split]}) has no image id: its file name does not end "
+                       "with a number.")
+    return list(ids)
+
+  def references(self, split: str) -> dict[int, list[str]]:
+    """{image id: its captions} of `split`, the references of the caption scorer."""
+    return references_by_image(self.image_ids(split), self.captions(split))
 
   def raw_dataset(self, split: str, *, process_index: int = 0,
                   process_count: int = 1) -> tf.data.Dataset:
     self.check_split(split)
-    paths, captions = self._examples[split]
+    paths, captions, _ = self._examples[split]
     start, end = base.host_range(len(paths), process_index, process_count)
     return tf.data.Dataset.from_tensor_slices({
         "image": tf.constant(paths[start:end].astype(str)),
@@ -128,10 +176,31 @@ class KarpathySource(base.DataSource):
     return {**example, "image": folder.decode_image_file(example["image"])}
 
 
+class KarpathySource(CaptionedImagesSource):
+  """LAVIS's Karpathy-split jsons: images on disk with their captions (module docstring)."""
+
+  def __init__(self, name: str, annotations: Mapping[str, str], image_root: str,
+               captions: str = "clean"):
+    if captions not in CAPTION_MODES:
+      raise ValueError(f"Data source {name!r}: captions={captions!r}; expected 'clean' (LAVIS's "
+                       "pre_caption, for retrieval) or 'raw' (as in the json, for captioning).")
+    self.image_root, self.caption_mode = image_root, captions
+    self.annotations = dict(annotations)
+    examples = {}
+    for split, path in annotations.items():
+      entries = read_annotations(path)
+      paths = [os.path.join(image_root, image) for image, _ in entries]
+      texts = [raw if captions == "raw" else [clean_caption(c) for c in raw]
+               for _, raw in entries]
+      examples[split] = (paths, texts, [image_id_from_path(p) for p in paths])
+    super().__init__(name, examples, self.annotations)
+
+
 def make_source(name: str, data_dir: Optional[str] = None, *, root: Optional[str] = None,
                 image_root: Optional[str] = None,
                 annotations: Optional[Mapping[str, str]] = None,
-                splits: Optional[Sequence[str]] = None) -> KarpathySource:
+                splits: Optional[Sequence[str]] = None,
+                captions: str = "clean") -> KarpathySource:
   """`coco_karpathy` or `flickr30k_karpathy` (module docstring)."""
   folder_name, file_names = DATASETS[name]
   given = dict(annotations or {})
@@ -165,7 +234,7 @@ def make_source(name: str, data_dir: Optional[str] = None, *, root: Optional[str
     raise base.DataNotFoundError(f"Data source {name!r}: image folder {image_root} does not "
                                  "exist; pass image_root=<the folder the json's image paths are "
                                  "relative to>.")
-  return KarpathySource(name, {split: paths[split] for split in splits}, image_root)
+  return KarpathySource(name, {split: paths[split] for split in splits}, image_root, captions)
 
 
 # Name -> factory(data_dir=None, **kwargs), for `input_pipeline.SOURCES`.

@@ -9,9 +9,11 @@ backbone and nothing else:
 The file is safetensors (no pickle: loading it runs no code): one tensor per trainable param of
 the run's newest checkpoint, named by its '/'-joined path, and in the header's metadata the
 method (`config.model_name`), the task name (default: the workdir's folder name), the step, the
-run's config as recorded in `<workdir>/config.json`, and the fingerprint of the frozen backbone:
-sha256 over the frozen params' names, shapes, dtypes and bytes, as the run built them (its
-`model_init`, or its seeded init). `apply_artefact` puts the params into a built model's
+run's config as recorded in `<workdir>/config.json`, the class count and, for a model with a
+`class_names` field (the CLIP class-prompt methods: CoOp, LMPT), the class names the run was built
+with (from its data source or config), so serving needs no dataset, and the fingerprint of the
+frozen backbone: sha256 over the frozen params' names, shapes, dtypes and bytes, as the run built
+them (its `model_init`, or its seeded init). `apply_artefact` puts the params into a built model's
 variables and refuses a backbone with another fingerprint, another method or other shapes, so
 prompts never meet a backbone they were not trained on.
 """
@@ -22,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -29,9 +32,9 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 from safetensors import safe_open
 
-from jaxprompt import checkpointing, optim, run_record, train
+from jaxprompt import checkpointing, method as method_lib, optim, run_record, sharding, train
 
-FORMAT = "jaxprompt.prompt/1"
+FORMAT = "jaxprompt.prompt/2"  # /2: num_classes and class_names in the metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Artefact:
   step: int
   config: dict  # flat dotted keys, as `<workdir>/config.json`
   params: dict
+  num_classes: int
+  class_names: tuple[str, ...] = ()  # as the model was built (CLIP class-prompt methods)
 
   def flat_params(self) -> dict[str, np.ndarray]:
     return traverse_util.flatten_dict(self.params, sep="/")
@@ -84,22 +89,51 @@ def backbone_fingerprint(params: dict, trainable_names) -> str:
   return digest.hexdigest()
 
 
-def build_backbone(config) -> tuple[dict, list[str]]:
+def build_run(config) -> tuple[dict, list[str], object]:
   """(the run's variables as built from its config: its model_init or seeded init, the trainable
-  param names). Builds the run's experiment, so its data source must be reachable."""
+  param names, the model). Builds the run's experiment, so its data source must be reachable."""
   exp = train.build(config)
   names = [k for k, v in traverse_util.flatten_dict(exp.labels, sep="/").items()
            if v == optim.TRAIN]
-  return train.variables(exp.state), names
+  return train.variables(exp.state), names, exp.model
+
+
+def build_backbone(config, *, num_classes: int | None = None,
+                   class_names: Sequence[str] = ()) -> tuple[dict, list[str]]:
+  """(the variables as the run built them from `config`: its model_init or seeded init, the
+  trainable param names). Without `num_classes`, from the run's experiment (`build_run`: its data
+  source must be reachable); with it, without any data: the model of that class count (and
+  `class_names`, an artefact's), initialised on one image of `config.pp.image_size` (image
+  models only), as serving does. The fingerprint check tells when the two differ."""
+  if num_classes is None:
+    return build_run(config)[:2]
+  method = method_lib.load_method(config.model_name)
+  if tuple(method.inputs) != ("image",):
+    raise ValueError(f"{config.model_name} consumes {list(method.inputs)}; a backbone is built "
+                     "without data for image models only (build_run builds it with the data).")
+  model = train.build_model(config, method, num_classes, tuple(class_names) or None)
+  size = int(config.pp.image_size)
+  parts = method_lib.model_init_parts(config.get("model_init"), method, config.model_name)
+  variables, _ = train.init_variables(
+      model, [np.zeros((1, size, size, 3), np.float32)], method.loaders, parts, seed=config.seed,
+      mesh=sharding.make_mesh(1), rule=config.param_sharding)
+  labels = optim.param_labels(variables["params"],
+                              config.get("trainable_params") or method.trainable)
+  return variables, [k for k, v in traverse_util.flatten_dict(labels, sep="/").items()
+                     if v == optim.TRAIN]
 
 
 def save_artefact(path: str, params: dict, *, task: str, method: str, fingerprint: str,
-                  step: int, config: dict) -> None:
+                  step: int, config: dict, num_classes: int,
+                  class_names: tuple[str, ...] = ()) -> None:
   """Writes `params` (nested dict of arrays) and the metadata as one safetensors file."""
+  if class_names and len(class_names) != num_classes:
+    raise ValueError(f"{len(class_names)} class names for {num_classes} classes.")
   tensors = {k: np.ascontiguousarray(np.asarray(v))
              for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   metadata = {"format": FORMAT, "task": task, "method": method, "fingerprint": fingerprint,
-              "step": str(step), "config": json.dumps(config, separators=(",", ":"))}
+              "step": str(step), "config": json.dumps(config, separators=(",", ":")),
+              "num_classes": str(num_classes), "class_names": json.dumps(list(class_names))}
   safetensors_numpy.save_file(tensors, path, metadata=metadata)
 
 
@@ -110,14 +144,15 @@ def export(workdir: str, out: str, task: str | None = None) -> Artefact:
   if traverse_util.flatten_dict(state.get("model_state") or {}):
     raise ValueError(f"The run in {workdir!r} also trains non-param collections "
                      f"({sorted(state['model_state'])}); a prompt artefact holds params only.")
-  variables, trainable_names = build_backbone(config_from_record(flat_config))
+  variables, trainable_names, model = build_run(config_from_record(flat_config))
   saved = set(traverse_util.flatten_dict(state["params"], sep="/"))
   if saved != set(trainable_names):
     raise ValueError(f"The checkpoint of step {step} in {workdir!r} holds the params "
                      f"{sorted(saved)}, but the recorded config trains {sorted(trainable_names)}.")
   save_artefact(out, state["params"], task=task or os.path.basename(os.path.abspath(workdir)),
                 method=flat_config["model_name"], step=step, config=flat_config,
-                fingerprint=backbone_fingerprint(variables["params"], trainable_names))
+                fingerprint=backbone_fingerprint(variables["params"], trainable_names),
+                num_classes=model.num_classes, class_names=tuple(getattr(model, "class_names", ())))
   return load_artefact(out)
 
 
@@ -135,13 +170,16 @@ def load_artefact(path: str) -> Artefact:
   if metadata.get("format") != FORMAT:
     raise ValueError(f"{path!r} is not a jaxprompt prompt artefact: its metadata 'format' is "
                      f"{metadata.get('format')!r}, expected {FORMAT!r}.")
-  missing = [k for k in ("task", "method", "fingerprint", "step", "config") if k not in metadata]
+  missing = [k for k in ("task", "method", "fingerprint", "step", "config", "num_classes",
+                         "class_names") if k not in metadata]
   if missing:
     raise ValueError(f"Prompt artefact {path!r} lacks the metadata key(s) {missing}.")
   return Artefact(path=path, task=metadata["task"], method=metadata["method"],
                   fingerprint=metadata["fingerprint"], step=int(metadata["step"]),
                   config=json.loads(metadata["config"]),
-                  params=traverse_util.unflatten_dict(flat, sep="/"))
+                  params=traverse_util.unflatten_dict(flat, sep="/"),
+                  num_classes=int(metadata["num_classes"]),
+                  class_names=tuple(json.loads(metadata["class_names"])))
 
 
 def check_compatible(record: Artefact, params: dict, *, method: str,

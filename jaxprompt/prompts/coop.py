@@ -307,11 +307,21 @@ class PromptCLIP(nn.Module):
     return clip.normalize(self.clip.encode_text_embeddings(self.prompt_embeddings(),
                                                            self.layout.eot_index))
 
+  def encode_images(self, images, *, train: bool = False):
+    """The normalised image features (B, E); `train` only moves a ResNet tower's BatchNorm."""
+    return clip.normalize(self.clip.encode_image(images, train=train))
+
+  def class_logits(self, image_features, text_features):
+    """exp(logit_scale) · cos: normalised (B, E) image and (C, E) class features -> (B, C).
+    With `encode_images` and `encode_prompts` the whole evaluation forward, so a server can
+    compute each task's class features once (`jaxprompt/serve.py`)."""
+    return jnp.exp(self.clip.logit_scale) * image_features @ text_features.T
+
   def __call__(self, images, *, train: bool = False):
     del train  # the CLIP stays in eval mode (ResNet BatchNorm on running statistics)
-    image_features = clip.normalize(self.clip.encode_image(images, train=False))
+    image_features = self.encode_images(images)
     text_features = self.encode_prompts()
-    logits = jnp.exp(self.clip.logit_scale) * image_features @ text_features.T
+    logits = self.class_logits(image_features, text_features)
     return logits, {"image_features": image_features, "text_features": text_features}
 
 

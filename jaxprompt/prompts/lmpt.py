@@ -104,7 +104,7 @@ class Model(coop.Model):
     prompts = self.prompt_embeddings()  # (C, L, W)
     text_features = clip.normalize(self.clip.encode_text_embeddings(prompts,
                                                                     self.layout.eot_index))
-    logits = jnp.exp(self.clip.logit_scale) * image_features @ text_features.T
+    logits = self.class_logits(image_features, text_features)
     aux = {"image_features": image_features, "text_features": text_features,
            "prompt_embeddings": self.full_prompt_embeddings(prompts)}
     if caption_tokens is not None:

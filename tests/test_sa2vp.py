@@ -8,6 +8,7 @@ below pin each part of it instead.
 import itertools
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -78,6 +79,128 @@ def test_vectorised_local_cross_attention_equals_per_position_loop():
                                            project(key_value[0], "value"), grid_h, grid_w)
   expected = np.einsum("hlk,hkd->ld", heads_out, params["out"]["kernel"]) + params["out"]["bias"]
   np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_view_local_attention_equals_per_position_loop():
+  grid_h, grid_w, heads, head_dim = 4, 5, 2, 8
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(2, heads, 1 + grid_h * grid_w, head_dim)).astype(np.float32)
+             for _ in range(3))
+  got = sa2vp.local_cross_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                    (grid_h, grid_w))
+  for b in range(2):
+    expected = per_position_local_attention(q[b], k[b], v[b], grid_h, grid_w)
+    np.testing.assert_allclose(got[b], expected.transpose(1, 0, 2).reshape(1 + grid_h * grid_w, -1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_acc_variant_cross_attention_is_single_head_with_zero_padded_neighbours():
+  """`vit_tinypara_acc.py`'s rule, per position: one head over all channels (scale D^-0.5); the
+  CLS query over every key; patch (r, c) over 9 neighbours, the out-of-grid ones zero vectors."""
+  grid_h, grid_w, heads, head_dim = 3, 4, 2, 4
+  rng = np.random.default_rng(4)
+  q, k, v = (rng.normal(size=(1, heads, 1 + grid_h * grid_w, head_dim)).astype(np.float32)
+             for _ in range(3))
+  single = lambda x: jnp.asarray(x).transpose(0, 2, 1, 3).reshape(1, 1, -1, heads * head_dim)
+  got = np.asarray(sa2vp.local_cross_attention(*(sa2vp._single_head(jnp.asarray(x))
+                                                 for x in (q, k, v)),
+                                               (grid_h, grid_w), zero_padded=True))[0]
+  qs, ks, vs = (np.asarray(single(x))[0, 0] for x in (q, k, v))  # (L, D)
+
+  def attend(query, keys, values):
+    logits = keys @ query / np.sqrt(query.shape[-1])
+    weights = np.exp(logits - logits.max())
+    return (weights / weights.sum()) @ values
+
+  np.testing.assert_allclose(got[0], attend(qs[0], ks, vs), rtol=1e-5, atol=1e-6)
+  zero = np.zeros_like(ks[0])
+  for r, c in itertools.product(range(grid_h), range(grid_w)):
+    cells = [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+    inside = lambda rr, cc: 0 <= rr < grid_h and 0 <= cc < grid_w
+    keys = np.stack([ks[1 + rr * grid_w + cc] if inside(rr, cc) else zero for rr, cc in cells])
+    values = np.stack([vs[1 + rr * grid_w + cc] if inside(rr, cc) else zero for rr, cc in cells])
+    np.testing.assert_allclose(got[1 + r * grid_w + c], attend(qs[1 + r * grid_w + c], keys, values),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_acc_variant_changes_only_the_cross_attention(tiny_params):
+  images = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16, 16, 3)), jnp.float32)
+  reference, _ = tiny_model().apply({"params": tiny_params}, images)
+  acc, _ = tiny_model(cross_attention="acc").apply({"params": tiny_params}, images)
+  assert np.abs(acc - reference).max() > 1e-6  # same params load, the rule differs
+  plain, _ = tiny_model(inter_weight=0.0).apply({"params": tiny_params}, images)
+  np.testing.assert_allclose(
+      tiny_model(cross_attention="acc", inter_weight=0.0).apply({"params": tiny_params}, images)[0],
+      plain, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="cross_attention='fast'"):
+    tiny_model(cross_attention="fast")
+
+
+class UnfusedSa2vpEncoder(vit.Encoder):
+  """The reference's structure, step by step: a cross-attention of its own (LN_0 and Q/K/V again,
+  the local neighbourhood as a masked full attention) before each block, the deep prompt map
+  through the whole block at batch B. Same module names, so the same params and dropout draws."""
+  inter_dim: int = 16
+  inter_weight: float = 0.1
+  prompt_queries_image_layers: tuple = (0, 4, 8)
+  deep_prompt_layers: tuple = (4, 8)
+
+  @nn.compact
+  def __call__(self, tokens, *, grid, deterministic=True):
+    batch, length, width = tokens.shape
+    dropout = vit.Dropout(self.dropout)
+    add_position = vit.AddPositionEmbs(name="posembed_input")
+    ppt = self.param("ppt", nn.initializers.zeros, (1, length, self.inter_dim))
+    deep_layers = [i for i in self.deep_prompt_layers if i < self.depth]
+    deep_ppt = self.param("deep_ppt", nn.initializers.zeros,
+                          (len(deep_layers), 1, length, self.inter_dim))
+    cross_conv = self.param("cross_conv", nn.initializers.zeros, (len(deep_layers), width))
+    image = dropout(add_position(tokens), deterministic=deterministic)
+    prompt = nn.Dense(width, name="ppt_proj")(ppt)
+    prompt = dropout(add_position(jnp.broadcast_to(prompt, (batch, length, width))),
+                     deterministic=deterministic)
+    for i in range(self.depth):
+      block = self.make_block(i)
+      prompt_is_query = i in self.prompt_queries_image_layers
+      query, key_value = (prompt, image) if prompt_is_query else (image, prompt)
+      attended = block.cross_attention(query, key_value, mask=sa2vp.local_attention_mask(*grid))
+      fusion = sa2vp.CrossAdapter(self.inter_dim, self.dropout, name=f"cross_block_{i}")(
+          query, attended, deterministic=deterministic)
+      streams = [image, prompt]
+      if i in deep_layers:
+        k = deep_layers.index(i)
+        deep = nn.Dense(width, name=f"deep_proj_{k}")(deep_ppt[k])
+        streams.append(jnp.broadcast_to(deep, (batch, length, width)))
+      out = block(jnp.concatenate(streams), deterministic=deterministic)
+      image, prompt = out[:batch], out[batch:2 * batch]
+      if i in deep_layers:
+        prompt = prompt + out[2 * batch:] * cross_conv[k]
+      if prompt_is_query:
+        prompt = prompt + self.inter_weight * fusion
+      else:
+        image = image + self.inter_weight * fusion
+    norm = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")
+    return norm(image)[:, 0], norm(prompt)[:, 0]
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_fused_encoder_equals_the_unfused_reference_structure(train_mode):
+  """Shared Q/K/V, the shifted-view local attention and the batch-1 deep prompt block change no
+  number: eval and train mode (same dropout draws) match the step-by-step structure."""
+  kwargs = dict(depth=3, mlp_dim=64, num_heads=2, dropout=0.1, inter_dim=4,
+                prompt_queries_image_layers=(0, 2), deep_prompt_layers=(1, 2))
+  grid = (3, 4)
+  tokens = jnp.asarray(np.random.default_rng(2).normal(size=(3, 13, 32)), jnp.float32)
+  fused = sa2vp.Sa2vpEncoder(**kwargs)
+  params = fused.init(jax.random.PRNGKey(0), tokens, grid=grid)["params"]
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(np.float32), params)
+  apply = lambda module: module.apply({"params": params}, tokens, grid=grid,
+                                      deterministic=not train_mode,
+                                      rngs={"dropout": jax.random.PRNGKey(7)})
+  got, expected = apply(fused), apply(UnfusedSa2vpEncoder(**kwargs))
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("inter_dim,expected", [(8, 202_200), (16, 372_912), (32, 714_336),

@@ -17,6 +17,7 @@ from safetensors.torch import save_file as save_safetensors_torch
 
 from jaxprompt.models import common
 from jaxprompt.models import vit
+from conftest import run_on_cpu_devices  # pylint: disable=import-error
 
 QUERY_KERNEL = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
 
@@ -333,7 +334,42 @@ def test_dropout_drops_at_the_rate_and_rescales():
   out = np.asarray(apply(0.1, 0))
   assert abs((out == 0).mean() - 0.1) < 0.005
   np.testing.assert_allclose(out[out != 0], 1 / 0.9, rtol=1e-6)
-  assert not np.array_equal(out, np.asarray(apply(0.1, 1)))
-  odd = np.asarray(apply(0.5, 0, jnp.ones((64, 33))))  # odd last dim: flax's own dropout
-  assert 0.4 < (odd == 0).mean() < 0.6
+  other = np.asarray(apply(0.1, 1))
+  assert not np.array_equal(out, other)
+  # Masks of two keys are independent: P(both drop) = 0.01, and neighbours are uncorrelated.
+  assert abs(((out == 0) & (other == 0)).mean() - 0.01) < 0.002
+  dropped = (out == 0).astype(float)
+  assert abs(np.corrcoef(dropped[:, :-1].ravel(), dropped[:, 1:].ravel())[0, 1]) < 0.02
+  assert abs(np.corrcoef(dropped[:-1].ravel(), dropped[1:].ravel())[0, 1]) < 0.02
+  odd = np.asarray(apply(0.5, 0, jnp.ones((64, 33))))
+  assert 0.45 < (odd == 0).mean() < 0.55
   np.testing.assert_array_equal(vit.Dropout(0.1).apply({}, x, deterministic=True), x)
+
+
+def test_counter_bits_are_uniform_and_refuse_too_many_elements():
+  bits = np.asarray(vit.counter_bits(jax.random.PRNGKey(3), (256, 300)), np.float64) / 2**32
+  assert bits.min() >= 0 and bits.max() < 1
+  histogram = np.histogram(bits, bins=16, range=(0, 1))[0]
+  assert np.abs(histogram / bits.size - 1 / 16).max() < 0.003
+  with pytest.raises(ValueError, match="2\\^32"):
+    vit.counter_bits(jax.random.PRNGKey(0), (2**16, 2**16))
+
+
+def test_dropout_mask_is_the_same_on_8_sharded_devices():
+  """The mask depends on each element's global position only, so sharding the batch changes
+  nothing (threefry without jax_threefry_partitionable would)."""
+  out = run_on_cpu_devices("""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxprompt.models import vit
+x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 10, 24)), jnp.float32)
+drop = jax.jit(lambda y, key: vit.Dropout(0.3).apply({}, y, deterministic=False,
+                                                     rngs={"dropout": key}))
+key = jax.random.PRNGKey(5)
+single = np.asarray(drop(jax.device_put(x, jax.devices()[0]), key))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharded = drop(jax.device_put(x, NamedSharding(mesh, P("data"))), key)
+assert len(sharded.sharding.device_set) == 8
+print("EQUAL", np.array_equal(single, np.asarray(sharded)), (single == 0).mean())
+""", 8)
+  assert "EQUAL True" in out, out

@@ -55,13 +55,42 @@ def decode_variant(variant: str) -> dict:
               patch_size=int(match.group(2)))
 
 
-class Dropout(nn.Module):
-  """Inverted dropout whose mask costs half the random numbers of `nn.Dropout`.
+def _mix32(h):
+  """A full-avalanche 32-bit integer mixer (the 'lowbias32' constants of C. Wellons' hash-prospector)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
-  Flax draws one 32-bit uniform per element; here each 32-bit word of the 'dropout' RNG gives two
-  16-bit draws (drop where draw < round(rate * 2^16), so the rate is exact to 1e-5). With the
-  backbone's dropout live (SA2VP trains that way) generating masks is a visible share of a CPU
-  step. Falls back to `nn.Dropout` when the last dimension is odd.
+
+def counter_bits(key, shape: tuple[int, ...]):
+  """uint32 random bits of `shape` from `key`: element i gets mix(mix(i ^ k0) ^ k1).
+
+  A counter-based generator like threefry, but two rounds of a 7-operation mixer per element
+  instead of 20 rounds of threefry per pair, computed from the element's position alone (an iota),
+  so XLA fuses it into the consumer and no bits array is written. Being a function of the global
+  position, the bits are the same however the array is sharded. Arrays of 2^32 elements or more
+  are refused (positions would repeat).
+  """
+  if math.prod(shape) >= 2**32:
+    raise ValueError(f"counter_bits: {math.prod(shape)} elements; at most 2^32 - 1 per draw.")
+  k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+  position = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    position = position + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  return _mix32(_mix32(position ^ k0) ^ k1)
+
+
+class Dropout(nn.Module):
+  """Inverted dropout with a mask from `counter_bits` (drop where bits < rate * 2^32).
+
+  `nn.Dropout` draws threefry bits into a buffer and reads them back; with the backbone's dropout
+  live (SA2VP trains that way) that was ~8 % of a CPU train step. Here the mask is a hash of each
+  element's position and the draw's key, computed inside the fused multiply, and sharding-invariant
+  (`tests/test_multidevice.py`).
   """
   rate: float
 
@@ -69,18 +98,66 @@ class Dropout(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
-    if x.shape[-1] % 2:
-      return nn.Dropout(self.rate)(x, deterministic=False)
-    words = jax.random.bits(self.make_rng("dropout"), (*x.shape[:-1], x.shape[-1] // 2),
-                            jnp.uint32)
-    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x.shape)
-    keep = draws >= jnp.uint16(round(self.rate * 65536))
+    keep = counter_bits(self.make_rng("dropout"), x.shape) >= jnp.uint32(round(self.rate * 2**32))
     # A multiply by the 0/1 mask fuses into one loop; select with zeros_like materialises zeros.
     return x * (keep.astype(x.dtype) * (1.0 / (1.0 - self.rate)))
 
 
+class _Projection(nn.Module):
+  """A projection's kernel (*in_shape, *out_shape) and bias (*out_shape), returned, not applied.
+
+  The kernel is `kernel_init` of the flattened (in, out) matrix reshaped, as Flax's `DenseGeneral`
+  stores it (Xavier-uniform by default; for 2-D shapes exactly `nn.Dense`'s kernel).
+  """
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+    flat = (math.prod(in_shape), math.prod(out_shape))
+    init = lambda rng, shape: self.kernel_init(rng, flat).reshape(shape)
+    kernel = self.param("kernel", init, (*in_shape, *out_shape))
+    return kernel, self.param("bias", self.bias_init, out_shape)
+
+
+class LayerNorm(nn.Module):
+  """`nn.LayerNorm`'s params (`scale`, `bias`), applied directly or folded into the projection that
+  follows it: LN(x) @ W + b = normalize(x) @ (scale[:, None] * W) + (bias @ W + b).
+
+  Folded, the scale never meets the (tokens, D) activations: on CPU the backward pass otherwise
+  materialises it broadcast to their shape, once per LayerNorm. The statistics are two-pass, in
+  the compute dtype.
+  """
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def affine(self, width: int):
+    return (self.param("scale", nn.initializers.ones, (width,)),
+            self.param("bias", nn.initializers.zeros, (width,)))
+
+  def normalize(self, x):
+    x = x.astype(self.dtype)
+    centred = x - x.mean(-1, keepdims=True)
+    return centred * jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + self.epsilon)
+
+  def fold(self, kernel, bias):
+    """(W, b) of a projection reading LN(x) -> (W', b') that read normalize(x)."""
+    scale, shift = (p.astype(self.dtype) for p in self.affine(kernel.shape[0]))
+    return scale[:, None] * kernel, shift @ kernel + bias
+
+  def __call__(self, x):
+    scale, shift = self.affine(x.shape[-1])
+    return self.normalize(x) * scale.astype(self.dtype) + shift.astype(self.dtype)
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense -> GELU -> Dropout -> Dense -> Dropout."""
+  """Transformer MLP: Dense -> GELU -> Dropout -> Dense -> Dropout.
+
+  `expand` (Dense_0 and GELU, optionally reading a LayerNorm folded in) and `contract` (the rest)
+  are also callable apart, for callers that compute the expansion of an input-independent stream
+  once and the dropout per example (SA2VP).
+  """
   mlp_dim: int
   dropout: float = 0.0
   gelu_approximate: bool = False
@@ -88,30 +165,27 @@ class MlpBlock(nn.Module):
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_init: Callable = nn.initializers.normal(stddev=1e-6)
 
-  @nn.compact
+  def setup(self):
+    self.Dense_0 = _Projection(self.kernel_init, self.bias_init)
+    self.Dense_1 = _Projection(self.kernel_init, self.bias_init)
+    self.Dropout_0 = Dropout(self.dropout)
+    self.Dropout_1 = Dropout(self.dropout)
+
+  def expand(self, x, norm: Optional[LayerNorm] = None):
+    """GELU(Dense_0(x)), or GELU(Dense_0(norm(x))) with `norm` folded into Dense_0."""
+    kernel, bias = (p.astype(self.dtype) for p in self.Dense_0((x.shape[-1],), (self.mlp_dim,)))
+    if norm is not None:
+      kernel, bias = norm.fold(kernel, bias)
+      x = norm.normalize(x)
+    return nn.gelu(x.astype(self.dtype) @ kernel + bias, approximate=self.gelu_approximate)
+
+  def contract(self, hidden, width: int, *, deterministic: bool = True):
+    hidden = self.Dropout_0(hidden, deterministic=deterministic)
+    kernel, bias = (p.astype(self.dtype) for p in self.Dense_1((self.mlp_dim,), (width,)))
+    return self.Dropout_1(hidden @ kernel + bias, deterministic=deterministic)
+
   def __call__(self, x, *, deterministic: bool = True):
-    width = x.shape[-1]
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=self.kernel_init,
-                                     bias_init=self.bias_init, name=name)
-    x = dense(self.mlp_dim, "Dense_0")(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = Dropout(self.dropout)(x, deterministic=deterministic)
-    x = dense(width, "Dense_1")(x)
-    return Dropout(self.dropout)(x, deterministic=deterministic)
-
-
-class _Projection(nn.Module):
-  """A projection's kernel (*in_shape, *out_shape) and bias (*out_shape), as Flax's `DenseGeneral`
-  stores them (Xavier-uniform over the flattened (in, out) matrix); returned, not applied."""
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-
-  @nn.compact
-  def __call__(self):
-    flat = (math.prod(self.in_shape), math.prod(self.out_shape))
-    init = lambda rng, shape: nn.initializers.xavier_uniform()(rng, flat).reshape(shape)
-    kernel = self.param("kernel", init, (*self.in_shape, *self.out_shape))
-    return kernel, self.param("bias", nn.initializers.zeros, self.out_shape)
+    return self.contract(self.expand(x), x.shape[-1], deterministic=deterministic)
 
 
 class MultiHeadAttention(nn.Module):
@@ -121,43 +195,72 @@ class MultiHeadAttention(nn.Module):
   (H, D/H, D)), so Google's checkpoints load unchanged, but computed as one fused projection
   ((D, 3D) for self-attention) and head-major batched matmuls: on CPU this runs about 1.5x faster
   than Flax's einsum layout. `key_value` (cross-attention) and a boolean `mask` (Nq, Nk), True =
-  may attend, are optional.
+  may attend, are optional. The three steps, `qkv` (heads of Q, K, V), `attend` (softmax
+  attention, heads merged) and `output` (the out projection), are callable apart, so a caller can
+  reuse one projection for several attentions (SA2VP's cross adapters).
   """
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, key_value=None, *, mask=None, deterministic: bool = True):
-    batch, length, width = x.shape  # (B, Nq, D)
-    heads, head_dim = self.num_heads, width // self.num_heads
-    names = ("query", "key", "value")
-    kernels, biases = zip(*[_Projection((width,), (heads, head_dim), name=n)() for n in names])
-    kernels = [k.reshape(width, width).astype(self.dtype) for k in kernels]
-    biases = [b.reshape(width).astype(self.dtype) for b in biases]
+  def setup(self):
+    self.query, self.key, self.value, self.out = (_Projection() for _ in range(4))
+    self.Dropout_0 = Dropout(self.dropout_rate)
 
-    def split_heads(y, n):  # (B, N, n * D) -> n x (B, H, N, D/H)
-      y = y.reshape(batch, y.shape[1], n, heads, head_dim).transpose(2, 0, 3, 1, 4)
-      return list(y)
+  def _projections(self, width: int, names: tuple[str, ...]):
+    """The (D, n * D) kernel and (n * D,) bias of the named projections, concatenated."""
+    shapes = ((width,), (self.num_heads, width // self.num_heads))
+    kernels, biases = zip(*[getattr(self, name)(*shapes) for name in names])
+    return (jnp.concatenate([k.reshape(width, width) for k in kernels], 1).astype(self.dtype),
+            jnp.concatenate([b.reshape(width) for b in biases]).astype(self.dtype))
 
+  def _split_heads(self, y, n: int):  # (B, N, n * D) -> n x (B, H, N, D/H)
+    batch, length, width = y.shape
+    y = y.reshape(batch, length, n, self.num_heads, width // (n * self.num_heads))
+    return list(y.transpose(2, 0, 3, 1, 4))
+
+  def qkv(self, x, key_value=None, *, norm: Optional[LayerNorm] = None):
+    """Q of `x` and K, V of `key_value` (default `x`), each (B, H, N, D/H). With `norm` (self-
+    attention only), of norm(x), folded into the projection."""
     x = x.astype(self.dtype)
+    width = x.shape[-1]
     if key_value is None:
-      q, k, v = split_heads(x @ jnp.concatenate(kernels, 1) + jnp.concatenate(biases), 3)
-    else:
-      key_value = key_value.astype(self.dtype)
-      (q,) = split_heads(x @ kernels[0] + biases[0], 1)
-      k, v = split_heads(key_value @ jnp.concatenate(kernels[1:], 1) + jnp.concatenate(biases[1:]),
-                         2)
+      kernel, bias = self._projections(width, ("query", "key", "value"))
+      if norm is not None:
+        kernel, bias = norm.fold(kernel, bias)
+        x = norm.normalize(x)
+      return self._split_heads(x @ kernel + bias, 3)
+    if norm is not None:
+      raise ValueError("qkv: a folded LayerNorm is for self-attention (no key_value).")
+    kernel, bias = self._projections(width, ("query",))
+    (q,) = self._split_heads(x @ kernel + bias, 1)
+    kernel, bias = self._projections(width, ("key", "value"))
+    return [q, *self._split_heads(key_value.astype(self.dtype) @ kernel + bias, 2)]
+
+  def attend(self, q, k, v, *, mask=None, deterministic: bool = True):
+    """softmax(Q K^T / sqrt(D/H)) V with heads merged: (B, H, Nq, D/H) x 2 (B, H, Nk, D/H) ->
+    (B, Nq, D)."""
+    batch, heads, length, head_dim = q.shape
     logits = ((q * head_dim**-0.5) @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, Nq, Nk)
     if mask is not None:  # an additive 0 / -1e30 bias: exp() makes masked weights exactly 0
       logits = logits + jnp.where(jnp.asarray(mask), 0.0, -1e30).astype(jnp.float32)
-    weights = jax.nn.softmax(logits).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0:
-      weights = Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)  # (B, Nq, D)
-    out_kernel, out_bias = _Projection((heads, head_dim), (width,), name="out")()
-    return (out @ out_kernel.reshape(width, width).astype(self.dtype)
-            + out_bias.astype(self.dtype))
+      weights = self.Dropout_0(jax.nn.softmax(logits).astype(self.dtype), deterministic=False)
+      out = weights @ v
+    else:  # softmax's division after the matmul: on (Nq, D/H), not (Nq, Nk); same numbers
+      weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+      out = (weights.astype(self.dtype) @ v) / weights.sum(-1, keepdims=True).astype(self.dtype)
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+
+  def output(self, y):
+    """The out projection of merged heads (B, N, D)."""
+    width = y.shape[-1]
+    kernel, bias = self.out((self.num_heads, width // self.num_heads), (width,))
+    return y @ kernel.reshape(width, width).astype(self.dtype) + bias.astype(self.dtype)
+
+  def __call__(self, x, key_value=None, *, mask=None, deterministic: bool = True):
+    q, k, v = self.qkv(x, key_value)
+    return self.output(self.attend(q, k, v, mask=mask, deterministic=deterministic))
 
 
 class Encoder1DBlock(nn.Module):
@@ -166,7 +269,9 @@ class Encoder1DBlock(nn.Module):
   Dropout follows the PyTorch port VPT and SA2VP train with (jeonsworld/ViT-pytorch): `dropout`
   inside the MLP, `attention_dropout` on the attention weights and on its output (Google's Flax
   ViT uses `dropout` there instead; the two only differ when the backbone itself trains).
-  `cross_attention` reuses this block's LayerNorm_0 and attention weights on two streams.
+  `cross_attention` reuses this block's LayerNorm_0 and attention weights on two streams; the
+  steps of `__call__` (`attention_qkv`, `attention`, `attention_residual`, `mlp_hidden`,
+  `mlp_residual`) are callable apart for callers that share work between streams (SA2VP).
   """
   mlp_dim: int
   num_heads: int
@@ -177,23 +282,43 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.LayerNorm_0 = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+    self.LayerNorm_0 = LayerNorm(self.layer_norm_eps, self.dtype)
     self.MultiHeadDotProductAttention_1 = MultiHeadAttention(
         self.num_heads, self.attention_dropout, self.dtype)
     self.attention_output_dropout = Dropout(self.attention_dropout)
-    self.LayerNorm_2 = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+    self.LayerNorm_2 = LayerNorm(self.layer_norm_eps, self.dtype)
     self.MlpBlock_3 = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)
 
+  def attention_qkv(self, x):
+    """Heads of Q, K, V of LN_0(x), each (B, H, N, D/H); LN_0 folded into the projection."""
+    return self.MultiHeadDotProductAttention_1.qkv(x, norm=self.LayerNorm_0)
+
+  @property
+  def attention(self) -> MultiHeadAttention:
+    return self.MultiHeadDotProductAttention_1
+
+  def attention_residual(self, x, attended, *, deterministic: bool = True):
+    """x + dropout(attended), `attended` being the out projection's output."""
+    return x + self.attention_output_dropout(attended, deterministic=deterministic)
+
+  def mlp_hidden(self, x):
+    """GELU(Dense_0(LN_2(x))): the MLP up to its first dropout; LN_2 folded into Dense_0."""
+    return self.MlpBlock_3.expand(x, norm=self.LayerNorm_2)
+
+  def mlp_residual(self, x, hidden, *, deterministic: bool = True):
+    """x + the rest of the MLP applied to `hidden` (from `mlp_hidden`)."""
+    return x + self.MlpBlock_3.contract(hidden, x.shape[-1], deterministic=deterministic)
+
   def __call__(self, x, *, deterministic: bool = True):
-    y = self.MultiHeadDotProductAttention_1(self.LayerNorm_0(x), deterministic=deterministic)
-    x = x + self.attention_output_dropout(y, deterministic=deterministic)
-    return x + self.MlpBlock_3(self.LayerNorm_2(x), deterministic=deterministic)
+    q, k, v = self.attention_qkv(x)
+    y = self.attention.output(self.attention.attend(q, k, v, deterministic=deterministic))
+    x = self.attention_residual(x, y, deterministic=deterministic)
+    return self.mlp_residual(x, self.mlp_hidden(x), deterministic=deterministic)
 
   def cross_attention(self, query, key_value, *, mask=None, deterministic: bool = True):
     """Attention of LN_0(query) over LN_0(key_value) with this block's weights; no residual."""
-    return self.MultiHeadDotProductAttention_1(
-        self.LayerNorm_0(query), self.LayerNorm_0(key_value), mask=mask,
-        deterministic=deterministic)
+    return self.attention(self.LayerNorm_0(query), self.LayerNorm_0(key_value), mask=mask,
+                          deterministic=deterministic)
 
 
 class Encoder(nn.Module):

@@ -12,7 +12,9 @@ cheaply before any pixel is decoded:
 
 Hosts read disjoint contiguous blocks of a split: host i of P gets examples
 [i*n//P, (i+1)*n//P) of the split's fixed order (block sizes differ by at most one, like
-`tfds.even_splits`), so together the hosts cover the split exactly once.
+`tfds.even_splits`), so together the hosts cover the split exactly once. Evaluation reads these
+blocks; training reads the whole split on every host and keeps its rows of each global batch
+(`pipeline.make_train_dataset`), so that its order does not depend on the number of hosts.
 """
 from __future__ import annotations
 

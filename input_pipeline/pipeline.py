@@ -1,11 +1,22 @@
 """Batched training and evaluation streams over any `DataSource`, per host.
 
-Training (`make_train_dataset`): an endless stream of epochs over this host's block of the split.
-Epoch e is the block shuffled with a seed derived from (seed, host, e), so the stream is a pure
-function of the seed: the same seed gives the same batches, and resuming at `start_step` starts
-at epoch ⌊start_step·b/n⌋ and skips the rest *before* decoding, so the batches from there on are
-the ones an uninterrupted run would have seen. Batches may straddle epochs (big_vision style), so
-no example is dropped for good; every batch is full.
+Training (`make_train_dataset`): an endless stream of epochs over the whole split, the same for
+every host count. Epoch e is the split in one global order, shuffled with a seed derived from
+(seed, e) alone; the run's global batch k is examples [k·B, (k+1)·B) of that stream, and host
+p of P keeps rows [p·B/P, (p+1)·B/P) of each, the rows its devices hold in the global batch
+(`sharding.global_batch`). Every host walks the (undecoded) global stream and drops the positions
+of other hosts *before* decoding, so it decodes only its own examples. An example's augmentation
+seed is folded from (seed, its position in the run's stream), so the global batch at step k is
+the same examples, in the same order, with the same random crops and flips, on any number of
+hosts and devices. The stream is a pure function of the seed: the same seed gives the same
+batches, and resuming at `start_step` starts at epoch ⌊start_step·B/n⌋ and skips the rest before
+decoding, so the batches from there on are the ones an uninterrupted run would have seen, also
+when the run resumes on another host count. Batches may straddle epochs (big_vision style), so
+no example is dropped for good; every batch is full. The shuffle keys are those a single process
+always used ((seed, 0) for the order, (seed, 1) for augmentation), so one-process runs keep their
+batches. Each host holds the whole split's undecoded examples in its shuffle buffer (encoded
+bytes, paths or small arrays), where a per-host block would hold 1/P of them: the price of an
+order that does not depend on P.
 
 Evaluation (`make_eval_dataset`): one pass, every example of the split exactly once over all
 hosts; the last batch is padded with '_mask' = False examples, and every host yields the same
@@ -78,26 +89,29 @@ def make_train_dataset(source: base.DataSource, split: str, preprocess_fn: Calla
   """Endless batches {'image': (b, H, W, 3) f32 or 'video': (b, T, H, W, 3) f32, 'label': (b,)
   int32 / 'caption_tokens': (b, L) int32, ...}, b = global / processes."""
   batch = local_batch_size(global_batch_size, process_count)
-  num_local = _host_counts(source, split, process_count)[process_index]
-  if num_local == 0:
-    raise ValueError(f"{source.name} split {split!r} has no examples for host {process_index} "
-                     f"of {process_count}.")
+  base.host_range(0, process_index, process_count)  # checks the index
+  num_examples = source.num_examples(split)
+  if num_examples == 0:
+    raise ValueError(f"{source.name} split {split!r} has no examples to train on.")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  raw = source.raw_dataset(split, process_index=process_index, process_count=process_count)
+  raw = source.raw_dataset(split)  # the whole split: every host walks the global order
   if cache:
     raw = raw.cache()  # raw = not yet decoded: encoded bytes / paths / small arrays
-  shuffle_key = tf.constant([seed, 2 * process_index], tf.int64)
-  augment_key = tf.constant([seed, 2 * process_index + 1], tf.int64)
+  shuffle_key = tf.constant([seed, 0], tf.int64)
+  augment_key = tf.constant([seed, 1], tf.int64)
 
   def epoch(e):
     epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_key, e)[0]
-    return raw.shuffle(num_local, seed=tf.cast(epoch_seed, tf.int64))
+    return raw.shuffle(num_examples, seed=tf.cast(epoch_seed, tf.int64))
 
-  first_epoch, offset = divmod(start_step * batch, num_local)
+  first_epoch, offset = divmod(start_step * global_batch_size, num_examples)
   stream = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
-  positions = tf.data.Dataset.counter(first_epoch * num_local)  # index of the example in the run
+  positions = tf.data.Dataset.counter(first_epoch * num_examples)  # index of the example in the run
   stream = tf.data.Dataset.zip((stream, positions)).skip(offset)
+  # The example is row position % B of its global batch; this host's rows are [p·b, (p+1)·b).
+  stream = stream.filter(
+      lambda example, position: (position % global_batch_size) // batch == process_index)
 
   def prepare(example, position):
     example = dict(source.decode(example))

@@ -4,8 +4,12 @@
 `dataset_kwargs`, whose keys are the data source's own (`--config.dataset_kwargs.root=DIR`).
 A config with `variants` (e.g. the SDPT demos: SDPT and two baselines) runs once per variant and
 prints their metrics side by side (`jaxprompt/variants.py`). `--config.mode=eval` only evaluates the latest checkpoint in the workdir (or `config.model_init`).
-On a multi-host TPU pod pass `--jax_distributed` (or set JAXPROMPT_DISTRIBUTED=1) so every host
-joins one JAX runtime.
+Several processes join one JAX runtime with `--jax_distributed` (or JAXPROMPT_DISTRIBUTED=1):
+the settings are detected on TPU pods, SLURM and Open MPI; a local multi-process run names them
+(`--coordinator_address=localhost:PORT --num_processes=N --process_id=I`, which imply
+`--jax_distributed`). Processes that have not all joined within `--distributed_timeout` seconds
+stop with a message (`sharding.join_processes`). The input order and so the run's results do not
+depend on the process count (`input_pipeline/pipeline.py`).
 
 The default workdir is `workdirs/<config file name>` plus the config arguments
 (`configs/vpt_vtab.py:task=dtd` -> `workdirs/vpt_vtab_task=dtd`). A rerun there resumes the run,
@@ -31,7 +35,17 @@ _WORKDIR = flags.DEFINE_string(
     "Default: workdirs/<config file name>_<config arguments>.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", os.environ.get("JAXPROMPT_DISTRIBUTED") == "1",
-    "Call jax.distributed.initialize() first (multi-host pods).")
+    "Join the run's other processes first (jax.distributed.initialize: TPU pods, SLURM, Open "
+    "MPI, or the explicit flags below).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (local multi-process runs; "
+    "implies --jax_distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (with "
+                                      "--coordinator_address).", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes) "
+                                   "(with --coordinator_address).", lower_bound=0)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process to join.", lower_bound=1)
 
 
 def _quiet_library_info(record: logging.LogRecord) -> bool:
@@ -63,9 +77,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_quiet_library_info)
-  import jax  # after flag parsing, so that XLA_FLAGS and friends are already in place
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  # jax only after flag parsing, so that XLA_FLAGS and friends are already in place, and the
+  # processes joined before any module can touch a backend
+  from jaxprompt import sharding
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _DISTRIBUTED.value or any(x is not None for x in explicit):
+    try:
+      sharding.join_processes(*explicit, timeout_s=_DISTRIBUTED_TIMEOUT.value)
+    except ValueError as e:
+      sys.exit(f"jaxprompt: {e}")
   from jaxprompt import checkpointing, config_checks, run_record, train, variants
   config_argument = flags.FLAGS["config"].config_filename
   config = _CONFIG.value

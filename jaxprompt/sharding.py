@@ -5,11 +5,26 @@ reserved for tensor parallelism, size 1 today); the batch is split over 'data'; 
 replicated or FSDP-sharded (each large array split along its largest dimension divisible by the
 'data' axis size, ZeRO-3 style, the compiler inserting the all-gathers). State is born sharded by
 jitting its initialiser with these shardings as `out_shardings`.
+
+Several processes (hosts) join one JAX runtime with `join_processes` before the mesh is built
+(`jax.distributed.initialize`: auto-detected on TPU pods, SLURM and Open MPI, or an explicit
+coordinator for local CPU runs, whose collectives are gloo's, JAX's default); the mesh then spans
+every process's devices, each process feeding its devices' rows of the global batch
+(`global_batch`). CPU executions then dispatch synchronously: with asynchronous CPU dispatch, two
+processes' gloo collectives were seen to deadlock within a few evaluation batches, each process
+blocked in a different execution. JAX aborts a process whose peers do not all join within its
+initialization_timeout with a bare DEADLINE_EXCEEDED; `join_processes` stops it first with a
+message that says what to check.
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
@@ -17,7 +32,9 @@ DATA, MODEL = "data", "model"
 
 def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
   """A ('data', 'model') mesh over the first `num_devices` devices (0: all of them)."""
-  devices = jax.devices()
+  # Grouped by process (stable: one process keeps JAX's order), so that process p's devices
+  # hold the p-th block of the global batch, the rows its input pipeline reads.
+  devices = sorted(jax.devices(), key=lambda d: d.process_index)
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices exist.")
@@ -76,3 +93,52 @@ def padded_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   evaluation runs on any device count (the extra examples are masked padding)."""
   multiple = int(np.lcm(mesh.shape[DATA], jax.process_count()))
   return -(-global_batch_size // multiple) * multiple
+
+
+def join_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None, *, timeout_s: int = 300) -> None:
+  """Joins this process to the others of the run (`jax.distributed.initialize`), all three
+  arguments given (a local multi-process run) or none (detected from the TPU pod, SLURM or Open
+  MPI environment). Exits with a message naming the settings when not every process has joined
+  within `timeout_s` (a coordinator that never answers, fewer processes than `num_processes`), and
+  raises a ValueError when the processes disagree on `num_processes`."""
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(x is not None for x in explicit) and any(x is None for x in explicit):
+    raise ValueError(f"coordinator_address={coordinator_address!r}, num_processes={num_processes}, "
+                     f"process_id={process_id}: give all three (a local multi-process run) or "
+                     f"none (auto-detected on TPU pods, SLURM and Open MPI).")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
+  if coordinator_address is not None and not coordinator_address.rpartition(":")[2].isdigit():
+    raise ValueError(f"coordinator_address={coordinator_address!r}: expected 'host:port'.")
+  if timeout_s < 1:
+    raise ValueError(f"timeout_s={timeout_s}: expected a positive number of seconds.")
+  settings = (f"coordinator_address={coordinator_address}, num_processes={num_processes}, "
+              f"process_id={process_id}" if num_processes is not None else
+              "settings detected from the cluster environment")
+
+  def give_up():
+    sys.stderr.write(
+        f"jaxprompt: the processes did not all join within {timeout_s} s ({settings}). Check that "
+        f"process 0, which hosts the coordinator, is running and reachable at that address, that "
+        f"every process was started with the same coordinator address and process count, and "
+        f"that each has its own process id.\n")
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access  (JAX's own timeout aborts without a message)
+
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # see the module docstring
+  watchdog = threading.Timer(timeout_s, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    # JAX's timeout a minute later than ours, so that the message above comes first.
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout_s + 60)
+  finally:
+    watchdog.cancel()
+  if num_processes is not None:
+    counts = multihost_utils.process_allgather(np.asarray(num_processes)).reshape(-1).tolist()
+    if len(set(counts + [jax.process_count()])) > 1:
+      raise ValueError(f"The processes disagree on num_processes: {counts} (by process id), and "
+                       f"{jax.process_count()} joined; start every process with the same "
+                       f"--num_processes.")

@@ -305,6 +305,27 @@ def test_train_stream_is_deterministic_and_resumes_exactly(spec):
   assert np.bincount(epoch).tolist() == [50] * 10
 
 
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_train_global_batches_do_not_depend_on_the_host_count(process_count):
+  """Host p's batch k is rows [p·b, (p+1)·b) of the one-host batch k, augmentation included, and
+  a run resumed on another host count continues the same global stream."""
+  source = input_pipeline.get_source("embedded/shapes")
+  pp = preprocess.make_preprocess_fn(
+      "resize_shorter_side(18)|random_crop(16)|flip_lr|value_range(0, 1)")
+  make = lambda **kw: pipeline.make_train_dataset(source, "val", pp, global_batch_size=24,
+                                                  seed=3, **kw)
+  straight = _take(make(), 25)  # 500 examples: 25 steps of 24 cross an epoch boundary
+  for start in (0, 19):
+    hosts = [_take(make(start_step=start, process_index=i, process_count=process_count),
+                   25 - start) for i in range(process_count)]
+    joined = [{k: np.concatenate([h[step][k] for h in hosts]) for k in ("image", "label")}
+              for step in range(25 - start)]
+    assert _same(joined, straight[start:])
+    assert all(len(h[0]["label"]) == 24 // process_count for h in hosts)
+  with pytest.raises(ValueError, match="process_index=2, process_count=2"):
+    make(process_index=2, process_count=2)
+
+
 def test_train_stream_on_tfds_source_skips_encoded_examples(tiny_tfds_dir):
   source = input_pipeline.get_source("vtab/eurosat", data_dir=tiny_tfds_dir)
   pp = lambda ex: {**ex, "image": tf.cast(ex["image"], tf.float32)}  # keep the index pixels

@@ -15,7 +15,7 @@ What is timed:
     largest id, as `argmax` finds it) and zero padding. Median of --steps after one compile and
     one warm-up call. FLOPs are XLA's cost analysis of the compiled step (dots at 2 x MACs), so MFU
     is that count over the median time against the matmul peak measured in the same run
-    (`benchmarks/train_step.py`'s). Before running it, the compiled step's memory (XLA's
+    (`benchmarks/common.py`'s). Before running it, the compiled step's memory (XLA's
     arguments + temporaries + outputs) is checked against --memory_budget_gib; a step over it
     is not run and the batch is halved until one fits (printed).
   * attention: one frozen CLIP block (`clip.ResidualAttentionBlock`, ViT-B/32's width and heads)
@@ -100,7 +100,8 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks import train_step as bench  # noqa: E402  (its helpers; also defines its flags)
+from benchmarks import common  # noqa: E402
+from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 from configs import dgl_msrvtt  # noqa: E402
 from input_pipeline import embedded_clip, pipeline, video  # noqa: E402
 from jaxprompt import sharding, train  # noqa: E402
@@ -108,7 +109,7 @@ from jaxprompt.models import clip  # noqa: E402
 from jaxprompt.prompts import dgl  # noqa: E402
 
 
-FLAGS = flags.FLAGS
+FLAGS = train_step.FLAGS  # train_step's flags (--batch_size, --steps, ...) and this file's
 FLAGS.set_default("batch_size", 32)
 FLAGS.set_default("steps", 2)
 FLAGS.set_default("variant", "ViT-B/32")
@@ -130,11 +131,11 @@ NUM_GLOBAL, NUM_LOCAL = dgl.Model.num_global_prompts, dgl.Model.num_local_prompt
 GIB = 2**30
 
 
-def write_video(path: str, frames, width: int, height: int) -> None:
-  """H.264 (yuv420p) at --video_fps of the uint8 (height, width, 3) `frames`, with PyAV."""
+def write_video(path: str, frames, width: int, height: int, fps: int) -> None:
+  """H.264 (yuv420p) at `fps` of the uint8 (height, width, 3) `frames`, with PyAV."""
   import av  # pylint: disable=import-outside-toplevel
   with av.open(path, "w") as container:
-    stream = container.add_stream("libx264", rate=FLAGS.video_fps)
+    stream = container.add_stream("libx264", rate=fps)
     stream.pix_fmt, stream.width, stream.height = "yuv420p", width, height
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -156,17 +157,17 @@ def moving_square(index: int, rng, width: int, height: int, count: int):
     yield frame
 
 
-def write_msrvtt(root: str) -> None:
-  """--num_videos videos and MSR-VTT's csv/json files (one caption per video; every video is in
+def write_msrvtt(root: str, *, num_videos: int, seconds: float, fps: int, width: int,
+                 height: int) -> None:
+  """`num_videos` videos and MSR-VTT's csv/json files (one caption per video; every video is in
   train and test)."""
-  width, height = (int(v) for v in FLAGS.video_size)
   os.makedirs(os.path.join(root, "videos"))
   rng = np.random.default_rng(0)
-  count = int(round(FLAGS.video_seconds * FLAGS.video_fps))
-  ids = [f"video{i}" for i in range(FLAGS.num_videos)]
+  count = int(round(seconds * fps))
+  ids = [f"video{i}" for i in range(num_videos)]
   for i, video_id in enumerate(ids):
     write_video(os.path.join(root, "videos", f"{video_id}.mp4"),
-                moving_square(i, rng, width, height, count), width, height)
+                moving_square(i, rng, width, height, count), width, height, fps)
   with open(os.path.join(root, "MSRVTT_train.9k.csv"), "w", newline="") as f:
     csv.writer(f).writerows([["video_id"], *([i] for i in ids)])
   with open(os.path.join(root, "MSRVTT_data.json"), "w") as f:
@@ -178,17 +179,22 @@ def write_msrvtt(root: str) -> None:
                              *([f"ret{k}", f"msr{k}", v, "a square"] for k, v in enumerate(ids))])
 
 
-def make_config(root: str, batch_size: int):
-  arg = (f"data={root},vocab={embedded_clip.byte_vocabulary()},frames={FLAGS.frames},"
-         f"batch={batch_size},latent={FLAGS.latent},variant={FLAGS.variant},words={FLAGS.words}")
+def make_config(root: str, batch_size: int, *, frames: int, latent: str, variant: str, words: int):
+  """configs/dgl_msrvtt.py on the videos under `root`, with the byte vocabulary."""
+  arg = (f"data={root},vocab={embedded_clip.byte_vocabulary()},frames={frames},"
+         f"batch={batch_size},latent={latent},variant={variant},words={words}")
   config = dgl_msrvtt.get_config(arg)
   config.total_steps = 1000  # the schedule's length only: nothing runs that long
   return config
 
 
+def config_flags() -> dict:
+  return dict(frames=FLAGS.frames, latent=FLAGS.latent, variant=FLAGS.variant, words=FLAGS.words)
+
+
 def time_pipeline(root: str) -> float:
   """The msrvtt train pipeline's videos/s (module docstring)."""
-  config = make_config(root, FLAGS.pipeline_batch)
+  config = make_config(root, FLAGS.pipeline_batch, **config_flags())
   start = time.perf_counter()
   data = train.build_data(config)  # the msrvtt source at 3 fps and the config's pp, as training
   source = data.source
@@ -196,7 +202,7 @@ def time_pipeline(root: str) -> float:
         f"{time.perf_counter() - start:.1f} s; pp: {config.pp.train}", flush=True)
   path = os.path.join(root, "videos", "video0.mp4")
   frames = video.read_video(path, fps=3)
-  decode_s = bench.best_seconds(lambda: video.read_video(path, fps=3), repeats=3)
+  decode_s = common.best_seconds(lambda: video.read_video(path, fps=3), repeats=3)
   print(f"[pipeline] decode of one video alone ({frames.shape[0]} frames kept at 3 fps of "
         f"{int(FLAGS.video_seconds * FLAGS.video_fps)}, {frames.shape[2]}x{frames.shape[1]}): "
         f"{1e3 * decode_s:.0f} ms -> {1 / decode_s:.1f} videos/s on one thread", flush=True)
@@ -246,7 +252,7 @@ def attention_memory() -> dict:
       compiled = jax.jit(fn).lower(params, x).compile()
       temp = compiled.memory_analysis().temp_size_in_bytes
       out = jax.block_until_ready(compiled(params, x))
-      seconds = bench.best_seconds(lambda c=compiled: c(params, x), repeats=2)
+      seconds = common.best_seconds(lambda c=compiled: c(params, x), repeats=2)
       outputs[name, kind] = out
       results[name, kind] = (temp, seconds)
       print(f"[attention] {name:<13} {kind:<8} XLA temp {temp / 2**20:8.1f} MiB, "
@@ -271,26 +277,20 @@ def synthetic_batch(batch_size: int, vocab_size: int, rng) -> dict:
           "caption_tokens": tokens}
 
 
-def compiled_bytes(compiled) -> int:
-  memory = compiled.memory_analysis()
-  return (memory.argument_size_in_bytes + memory.temp_size_in_bytes
-          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-
-
 def time_step(root: str, peak: float) -> dict:
   """The trainer's DGL step at the largest batch <= --batch_size within the memory budget."""
   rng = np.random.default_rng(0)
   batch_size = FLAGS.batch_size
   while True:
     start = time.perf_counter()
-    exp = train.build(make_config(root, batch_size))
+    exp = train.build(make_config(root, batch_size, **config_flags()))
     build_s = time.perf_counter() - start
     vocab_size = clip.decode_variant(FLAGS.variant)["vocab_size"]
     batch = sharding.global_batch(synthetic_batch(batch_size, vocab_size, rng), exp.mesh)
     start = time.perf_counter()
     compiled = exp.train_step.lower(exp.state, batch).compile()
     compile_s = time.perf_counter() - start
-    needed = compiled_bytes(compiled)
+    needed = common.compiled_bytes(compiled)
     print(f"[step] batch {batch_size}: build (random-init CLIP, optimizer) {build_s:.1f} s, "
           f"compile {compile_s:.1f} s, XLA memory (arguments + temporaries + outputs) "
           f"{needed / GIB:.2f} GiB", flush=True)
@@ -300,9 +300,7 @@ def time_step(root: str, peak: float) -> dict:
           f"{FLAGS.memory_budget_gib}: halving it", flush=True)
     del exp, batch, compiled
     batch_size //= 2
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost["flops"])
+  flops = common.xla_flops(compiled)
   state, metrics = compiled(exp.state, batch)  # warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -312,7 +310,7 @@ def time_step(root: str, peak: float) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   seconds = float(np.median(times))
-  memory, memory_kind = bench.peak_memory_bytes()
+  memory, memory_kind = common.peak_memory_bytes()
   result = dict(batch_size=batch_size, seconds=seconds, videos_per_s=batch_size / seconds,
                 flops=flops, mfu=flops / seconds / peak, compile_s=compile_s, xla_bytes=needed,
                 peak_memory=memory, memory_kind=memory_kind, loss=float(metrics["loss"]))
@@ -332,8 +330,9 @@ def main(_):
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, "msrvtt")
     start = time.perf_counter()
-    write_msrvtt(root)
-    width, height = FLAGS.video_size
+    width, height = (int(v) for v in FLAGS.video_size)
+    write_msrvtt(root, num_videos=FLAGS.num_videos, seconds=FLAGS.video_seconds,
+                 fps=FLAGS.video_fps, width=width, height=height)
     videos = (f"{FLAGS.num_videos} H.264 {width}x{height} {FLAGS.video_fps} fps "
               f"{FLAGS.video_seconds:g} s")
     print(f"wrote {videos} in {time.perf_counter() - start:.1f} s", flush=True)
@@ -350,7 +349,7 @@ def main(_):
                      f"{1e3 * memory['global-local', kind][1]:.0f} ms / "
                      f"{1e3 * memory['dense masked', kind][1]:.0f} ms"))
     if "step" in FLAGS.parts:
-      peak = bench.matmul_peak_flops(FLAGS.matmul_size, jnp.float32)
+      peak = common.matmul_peak_flops(FLAGS.matmul_size, jnp.float32)
       print(f"matmul peak ({FLAGS.matmul_size}^2 float32): {peak / 1e9:.1f} GFLOP/s", flush=True)
       step = time_step(root, peak)
       b = step["batch_size"]

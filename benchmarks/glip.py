@@ -38,10 +38,11 @@ the embedded detection scenes renamed to 80 class names (only its element spec a
 are used), and the batch is synthetic with the spec's keys and shapes (image, text_ids,
 text_mask, boxes, box_labels, box_mask, positive_map, image_size, orig_size, image_id).
 
-Measurement helpers (best_seconds, matmul_peak_flops, peak_memory_bytes) and the flags
---batch_size, --image_size, --steps, --matmul_size are `benchmarks/train_step.py`'s, imported as a
-module (its --config and --variant are not used here). Peak memory on CPU is the process's maximum
-RSS, so it is the peak over everything run before the line that prints it.
+Measurement helpers are `benchmarks/common.py`'s; the flags --batch_size, --image_size, --steps,
+--matmul_size are `benchmarks/train_step.py`'s, imported as a module (its --config and --variant
+are not used here). `benchmarks/run_all.py` uses `register_scenes` and `make_config`. Peak memory
+on CPU is the process's maximum RSS, so it is the peak over everything run before the line that
+prints it.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks import train_step as bench  # noqa: E402  (its helpers; also defines its flags)
+from benchmarks import common  # noqa: E402
+from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 import input_pipeline  # noqa: E402
 from configs import glip_coco  # noqa: E402
 from input_pipeline import detection, embedded_detection, pipeline  # noqa: E402
@@ -68,7 +70,7 @@ from jaxprompt.models.glip import deform_conv, detector, dyconv, fusion, inferen
 from jaxprompt.prompts import glip_finetune, sdpt  # noqa: E402
 
 
-FLAGS = flags.FLAGS
+FLAGS = train_step.FLAGS  # train_step's flags (--batch_size, --steps, ...) and this file's
 FLAGS.set_default("batch_size", 1)
 FLAGS.set_default("image_size", 256)
 FLAGS.set_default("steps", 3)
@@ -112,25 +114,34 @@ class ScenesWithClasses(embedded_detection.DetectionShapesSource):
     return 8
 
 
-def make_config(mode: str):
-  """GLIP-T on the benchmark's scenes, trained as `mode` (see `MODES`)."""
+def register_scenes(num_classes: int, text_len: int) -> None:
+  """Registers SOURCE_NAME: the embedded scenes under `num_classes` names, captions of
+  `text_len` tokens."""
+  input_pipeline.register(SOURCE_NAME, lambda data_dir=None, **kw: ScenesWithClasses(
+      num_classes, text_len))
+
+
+def make_config(mode: str, *, batch_size: int, train_size: tuple[int, int],
+                sdpt_tokens: int = 700, max_boxes: int = 100):
+  """GLIP-T on the benchmark's scenes (`register_scenes` first), trained as `mode` (see `MODES`)
+  on (height, width) `train_size` images (evaluated at its longer side, square)."""
   config = glip_coco.get_config()  # the demo's embedded-data layout, then GLIP-T's settings
   config.model.size = "T"
   config.dataset, config.train_split = SOURCE_NAME, "train"
   config.dataset_kwargs = {}
   config.glip = {}  # GLIP's anchors (8 x stride) and post-processing defaults
-  config.batch_size = config.eval_batch_size = FLAGS.batch_size
+  config.batch_size = config.eval_batch_size = batch_size
   config.total_steps = 10_000  # the schedule needs warmup (2000) < total; nothing runs that long
   model_name, trainable = MODES[mode]
   config.model_name, config.trainable_params = model_name, trainable
   if model_name == "prompts.sdpt":
-    config.model.num_tokens = FLAGS.sdpt_tokens
+    config.model.num_tokens = sdpt_tokens
   glip_coco.glip_recipe(config, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4,
                         bias_group=mode != "sdpt_paper")  # the prototypes have no biases
-  height, width = train_size()
+  height, width = train_size
   longer = max(height, width)
   train_pp, eval_pp = glip_coco.detection_pp(min(height, width), longer, longer,
-                                             FLAGS.max_boxes, size_divisible=0)
+                                             max_boxes, size_divisible=0)
   # The train canvas as given (800 x 1344), not squared.
   train_pp = train_pp.replace(f"pad_image({longer}, {longer})", f"pad_image({height}, {width})")
   config.pp.train, config.pp.eval = train_pp, eval_pp
@@ -170,15 +181,9 @@ def synthetic_batch(spec: dict, batch_size: int, text_len: int, rng) -> dict:
   return batch
 
 
-def first_cost(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
 def report(name: str, seconds: float, images: int, flops: float, peak: float, compile_s: float):
   achieved = flops / seconds
-  memory, kind = bench.peak_memory_bytes()
+  memory, kind = common.peak_memory_bytes()
   print(f"[{name}] {seconds:.3f} s/step, {images / seconds:.3f} images/s, "
         f"{flops / 1e9:.1f} GFLOP/step (XLA), {achieved / 1e9:.1f} GFLOP/s, "
         f"MFU {100 * achieved / peak:.1f}%, compile {compile_s:.1f} s, "
@@ -186,18 +191,10 @@ def report(name: str, seconds: float, images: int, flops: float, peak: float, co
   return seconds
 
 
-def median_seconds(fn, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def time_train(mode: str, peak: float, rng):
   start = time.perf_counter()
-  exp = train.build(make_config(mode))
+  exp = train.build(make_config(mode, batch_size=FLAGS.batch_size, train_size=train_size(),
+                                sdpt_tokens=FLAGS.sdpt_tokens, max_boxes=FLAGS.max_boxes))
   print(f"[{mode}] build (init GLIP-T, optimizer): {time.perf_counter() - start:.1f} s",
         flush=True)
   spec = pipeline.batch_spec(exp.data.source, "train", exp.data.train_pp, train=True)
@@ -206,7 +203,7 @@ def time_train(mode: str, peak: float, rng):
   start = time.perf_counter()
   compiled = exp.train_step.lower(exp.state, batch).compile()
   compile_s = time.perf_counter() - start
-  flops = first_cost(compiled)
+  flops = common.xla_flops(compiled)
   state, metrics = compiled(exp.state, batch)  # warm-up
   jax.block_until_ready(metrics)
   box = {"state": state}
@@ -215,7 +212,7 @@ def time_train(mode: str, peak: float, rng):
     box["state"], metrics = compiled(box["state"], batch)
     return metrics
 
-  seconds = median_seconds(step, FLAGS.steps)
+  seconds = common.median_seconds(step, FLAGS.steps)
   print(f"[{mode}] loss {float(metrics['loss']):.3f}")
   report(f"train {mode} {'x'.join(map(str, train_size()))} b{FLAGS.batch_size}", seconds,
          FLAGS.batch_size,
@@ -238,18 +235,18 @@ def time_detect(exp, state, height: int, width: int, peak: float, rng):
   start = time.perf_counter()
   compiled = detect.lower(variables, batch, class_token_map).compile()
   compile_s = time.perf_counter() - start
-  flops = first_cost(compiled)
+  flops = common.xla_flops(compiled)
   jax.block_until_ready(compiled(variables, batch, class_token_map))
-  seconds = median_seconds(lambda: compiled(variables, batch, class_token_map),
+  seconds = common.median_seconds(lambda: compiled(variables, batch, class_token_map),
                            max(1, min(FLAGS.steps, 2 if height * width > 300_000 else FLAGS.steps)))
   report(f"detect {height}x{width} b1", seconds, 1, flops, peak, compile_s)
 
 
 def time_fn(name: str, fn, *args, peak: float, repeats: int = 3):
   compiled = jax.jit(fn).lower(*args).compile()
-  flops = first_cost(compiled)
+  flops = common.xla_flops(compiled)
   jax.block_until_ready(compiled(*args))
-  seconds = bench.best_seconds(lambda: compiled(*args), repeats)
+  seconds = common.best_seconds(lambda: compiled(*args), repeats)
   print(f"  {name:<44} {1e3 * seconds:9.1f} ms  {flops / 1e9:8.2f} GFLOP  "
         f"{flops / seconds / 1e9:7.1f} GFLOP/s ({100 * flops / seconds / peak:.1f}% of peak)",
         flush=True)
@@ -379,10 +376,9 @@ def top_costs(parts: dict, layers: int, step_seconds: Optional[float]):
 
 
 def main(_):
-  input_pipeline.register(SOURCE_NAME, lambda data_dir=None, **kw: ScenesWithClasses(
-      FLAGS.num_classes, FLAGS.text_len))
+  register_scenes(FLAGS.num_classes, FLAGS.text_len)
   rng = np.random.default_rng(0)
-  peak = bench.matmul_peak_flops(FLAGS.matmul_size, jnp.float32)
+  peak = common.matmul_peak_flops(FLAGS.matmul_size, jnp.float32)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; GLIP-T "
         f"({detector.count_params('T', FLAGS.num_classes) / 1e6:.1f} M params), "
         f"{FLAGS.num_classes} classes, text {FLAGS.text_len}; matmul peak "
@@ -391,7 +387,8 @@ def main(_):
   for mode in FLAGS.modes:
     exp, state, step_seconds[mode] = time_train(mode, peak, rng)
   if exp is None:
-    exp = train.build(make_config("full"))
+    exp = train.build(make_config("full", batch_size=FLAGS.batch_size, train_size=train_size(),
+                                  sdpt_tokens=FLAGS.sdpt_tokens, max_boxes=FLAGS.max_boxes))
     state = exp.state
   time_detect(exp, state, FLAGS.image_size, FLAGS.image_size, peak, rng)
   if FLAGS.micro:

@@ -27,7 +27,7 @@ What is timed, per method (--methods):
     are XLA's cost analysis of the compiled call (dots at 2 x MACs); XLA counts a loop's body once,
     so for RLCF's 3 steps the cost of the 2 later steps (one vmapped loss gradient and AdamW
     update, compiled alone) is added. MFU = FLOPs / time over the matmul peak measured in the same
-    run (`benchmarks/train_step.py`'s) in our compute dtype (--dtype; torch rows: float32). Memory:
+    run (`benchmarks/common.py`'s) in our compute dtype (--dtype; torch rows: float32). Memory:
     XLA's arguments + temporaries + outputs of the compiled call, and the process's max RSS so far;
   * torch: the originals' loop over a batch-size-1 loader, written here after azshue/TPT
     `tpt_classification.py` (`test_time_adapt_eval`, `test_time_tuning`, `select_confident_samples`,
@@ -103,13 +103,14 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks import train_step as bench  # noqa: E402  (its helpers; also defines its flags)
+from benchmarks import common as bench  # noqa: E402
+from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 from input_pipeline import embedded_clip  # noqa: E402
 from jaxprompt import tta  # noqa: E402
 from jaxprompt.models import clip, common  # noqa: E402
 from jaxprompt.prompts import coop, rlcf, tpt  # noqa: E402
 
-FLAGS = flags.FLAGS
+FLAGS = train_step.FLAGS  # train_step's flags (--batch_size, --steps, ...) and this file's
 FLAGS.set_default("variant", "ViT-B/16")
 flags.DEFINE_list("methods", ["tpt", "rlcf"], "Of: tpt, rlcf.")
 flags.DEFINE_list("parts", ["torch", "jax"], "Of: torch, jax, profile (the sanity check needs "
@@ -141,10 +142,6 @@ METHOD_SETTINGS = {  # the scripts' steps / lr / weight decay (module docstring)
     "tpt": dict(steps=1, lr=5e-3, weight_decay=0.01),
     "rlcf": dict(steps=3, lr=7e-3, weight_decay=5e-4)}
 GIB = 2**30
-
-
-def load_now() -> str:
-  return "load " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,7 +318,7 @@ def time_torch(method: str, policy, reward, views_nchw) -> dict:
   memory, _ = bench.peak_memory_bytes()
   result = dict(impl="torch per-sample loop", batch=1, samples_per_s=1 / seconds,
                 flops=flops, seconds=seconds, compile_s=None,
-                xla_bytes=None, rss=memory, load=load_now(), logits0=logits[0])
+                xla_bytes=None, rss=memory, load=bench.load_now(), logits0=logits[0])
   print(f"[{method}] torch: {', '.join(f'{t:.2f}' for t in times)} s/sample -> "
         f"{result['samples_per_s']:.3f} samples/s; {result['flops'] / 1e9:,.1f} GFLOP/sample "
         f"(FlopCounterMode); max RSS {memory / GIB:.2f} GiB; {result['load']}", flush=True)
@@ -330,17 +327,6 @@ def time_torch(method: str, policy, reward, views_nchw) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # JAX.
-
-
-def compiled_bytes(compiled) -> int:
-  memory = compiled.memory_analysis()
-  return (memory.argument_size_in_bytes + memory.temp_size_in_bytes
-          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-
-
-def xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
 def later_steps_flops(episode, tunable0, frozen, samples, rng) -> float:
@@ -359,7 +345,8 @@ def later_steps_flops(episode, tunable0, frozen, samples, rng) -> float:
     return updates
 
   step = jax.jit(jax.vmap(step, in_axes=(0, None, 0, 0)))
-  return (episode.steps - 1) * xla_flops(step.lower(batched, frozen, contexts, rngs).compile())
+  compiled = step.lower(batched, frozen, contexts, rngs).compile()
+  return (episode.steps - 1) * bench.xla_flops(compiled)
 
 
 def time_jax(method: str, episode, tunable0, frozen, views) -> list[dict]:
@@ -370,7 +357,7 @@ def time_jax(method: str, episode, tunable0, frozen, views) -> list[dict]:
     start = time.perf_counter()
     compiled = adapt.lower(episode, tunable0, frozen, samples, rng).compile()
     compile_s = time.perf_counter() - start
-    flops = xla_flops(compiled) + later_steps_flops(episode, tunable0, frozen, samples, rng)
+    flops = bench.xla_flops(compiled) + later_steps_flops(episode, tunable0, frozen, samples, rng)
     start = time.perf_counter()  # the first call is timed too: nothing is left to warm up
     logits, _ = jax.block_until_ready(compiled(tunable0, frozen, samples, rng))
     seconds = min(time.perf_counter() - start, bench.best_seconds(
@@ -378,7 +365,7 @@ def time_jax(method: str, episode, tunable0, frozen, views) -> list[dict]:
     memory, _ = bench.peak_memory_bytes()
     result = dict(impl="jax tta.adapt", batch=batch, samples_per_s=batch / seconds,
                   flops=flops / batch, seconds=seconds, compile_s=compile_s,
-                  xla_bytes=compiled_bytes(compiled), rss=memory, load=load_now(),
+                  xla_bytes=bench.compiled_bytes(compiled), rss=memory, load=bench.load_now(),
                   logits0=np.asarray(logits[0]))
     print(f"[{method}] jax B={batch}: compile {compile_s:.1f} s, {seconds:.2f} s/call -> "
           f"{result['samples_per_s']:.3f} samples/s; {flops / batch / 1e9:,.1f} GFLOP/sample "
@@ -404,7 +391,7 @@ def profile(method: str, episode, tunable0, frozen, views, policy, reward, views
       "jax predict": lambda: predict(tunable0, frozen, context)}
   for name, fn in parts.items():
     print(f"[{method}] profile {name}: {bench.best_seconds(fn, FLAGS.repeats):.3f} s; "
-          f"{load_now()}", flush=True)
+          f"{bench.load_now()}", flush=True)
 
   def torch_seconds(fn):
     best = float("inf")
@@ -431,9 +418,9 @@ def profile(method: str, episode, tunable0, frozen, views, policy, reward, views
       parts["torch policy image tower, selected views"] = (
           lambda: torch_image_features(policy.hf, selected))
     for name, fn in parts.items():
-      print(f"[{method}] profile {name}: {torch_seconds(fn):.3f} s; {load_now()}", flush=True)
+      print(f"[{method}] profile {name}: {torch_seconds(fn):.3f} s; {bench.load_now()}", flush=True)
   print(f"[{method}] profile torch text tower forward + backward, 77 tokens: "
-        f"{torch_seconds(text_backward):.3f} s; {load_now()}", flush=True)
+        f"{torch_seconds(text_backward):.3f} s; {bench.load_now()}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +439,7 @@ def main(_):
   names = tuple(CLASS_NAMES[c % len(CLASS_NAMES)] + (f" {c // len(CLASS_NAMES)}" if c >= len(
       CLASS_NAMES) else "") for c in range(FLAGS.num_classes))
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, "
-        f"torch threads {threads}; {load_now()}", flush=True)
+        f"torch threads {threads}; {bench.load_now()}", flush=True)
   print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
 
   hf, model, variables = random_clips(FLAGS.variant, seed=0)
@@ -470,7 +457,7 @@ def main(_):
   peaks = {dtype: bench.matmul_peak_flops(FLAGS.matmul_size, jnp.dtype(dtype))
            for dtype in sorted({"float32", FLAGS.dtype})}
   peak_text = ", ".join(f"{d} {p / 1e9:.1f}" for d, p in peaks.items())
-  print(f"matmul peak ({FLAGS.matmul_size}^2): {peak_text} GFLOP/s; {load_now()}", flush=True)
+  print(f"matmul peak ({FLAGS.matmul_size}^2): {peak_text} GFLOP/s; {bench.load_now()}", flush=True)
   reward_clips = None
   if "rlcf" in FLAGS.methods:
     reward_clips = random_clips(FLAGS.reward_variant, seed=1)

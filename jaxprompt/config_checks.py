@@ -132,8 +132,8 @@ def check_spine(config) -> None:
               "warmup_init"):
     _number_at_least(config, f"optim.{key}", 0.0)
   _int_at_least(config, "optim.grad_accum_steps", 1, default=1)
-  _require(optim.get("decay", "cosine") in ("cosine", "multistep"), "optim.decay",
-           optim.get("decay"), "'cosine' or 'multistep'")
+  _require(optim.get("decay", "cosine") in ("cosine", "linear", "multistep"), "optim.decay",
+           optim.get("decay"), "'cosine', 'linear' or 'multistep'")
   wd_ratio = optim.get("weight_decay_schedule_ratio", 0.0)
   _require(isinstance(wd_ratio, (int, float)) and not isinstance(wd_ratio, bool)
            and 0.0 <= wd_ratio <= 1.0, "optim.weight_decay_schedule_ratio", wd_ratio,

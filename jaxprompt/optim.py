@@ -69,6 +69,8 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
   cosine at `lr`. This is the per-step form (optim.schedule_unit='step'); `make_epoch_schedule`
   is Dassl's per-epoch one exactly.
 
+  decay='linear' decays linearly from `lr` to `min_lr` at `total_steps` after a linear warmup.
+
   decay='multistep' is maskrcnn_benchmark's WarmupMultiStepLR (microsoft/GLIP
   `maskrcnn_benchmark/solver/lr_scheduler.py`, as GLIP's yamls set it): lr times `decay_factor`
   for every milestone passed, `milestones` given as fractions of `total_steps` (GLIP: 0.67 and
@@ -102,8 +104,12 @@ def make_schedule(*, lr: float, total_steps: int, warmup_steps: int, min_lr: flo
       return jnp.where(count < warmup_steps, decayed * warm, decayed)
 
     return multistep
+  if decay == "linear":  # transformers' get_linear_schedule_with_warmup (ClipCap, RLCF captioning)
+    return optax.join_schedules([
+        optax.linear_schedule(warmup_init, lr, warmup_steps),
+        optax.linear_schedule(lr, min_lr, total_steps - warmup_steps)], [warmup_steps])
   if decay != "cosine":
-    raise ValueError(f"optim.decay={decay!r}: expected 'cosine' or 'multistep'.")
+    raise ValueError(f"optim.decay={decay!r}: expected 'cosine', 'linear' or 'multistep'.")
   if warmup_type == "linear":
     return optax.warmup_cosine_decay_schedule(
         init_value=warmup_init, peak_value=lr, warmup_steps=warmup_steps,

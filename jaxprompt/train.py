@@ -334,9 +334,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def headline_metrics(final: dict) -> dict[str, float]:
   """The evaluation metrics a run's summary prints: accuracies (and the zero-shot ones a
-  test-time adaptation starts from), mAP, R@1/5/10 and box AP, by name."""
+  test-time adaptation starts from), mAP, R@1/5/10, box AP and captions' CIDEr, by name."""
   return {key: final[key] for key in sorted(final)
-          if key.endswith(("/accuracy", "/zeroshot_accuracy", "mAP", "R@1", "R@5", "R@10", "/AP"))
+          if key.endswith(("/accuracy", "/zeroshot_accuracy", "mAP", "R@1", "R@5", "R@10", "/AP",
+                           "/CIDEr"))
           and not key.startswith("train/")}
 
 

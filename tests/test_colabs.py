@@ -9,6 +9,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colabs", "*.ipynb")))
+# Over a minute each on two CPU cores (they train a detector or pre-fit two CLIPs); every step they
+# run is covered by the default suite's own tests (test_glip_*, test_sdpt, test_tta_*), so they run
+# with `-m slow`, keeping the default suite under its 30-minute budget.
+SLOW_NOTEBOOKS = ("glip_detection.ipynb", "sdpt.ipynb", "tta_rlcf.ipynb")
 
 
 def notebook_code(path: str) -> str:
@@ -24,7 +28,9 @@ def test_there_are_notebooks():
   assert NOTEBOOKS, "colabs/ has no notebooks"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+@pytest.mark.parametrize("path", [
+    pytest.param(path, marks=pytest.mark.slow) if os.path.basename(path) in SLOW_NOTEBOOKS
+    else path for path in NOTEBOOKS], ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
   script = tmp_path / "notebook.py"
   script.write_text(notebook_code(path))

@@ -10,7 +10,9 @@ the compiled step (`cost_analysis`), so work XLA removes (weight gradients of fr
 counted. MFU divides the achieved FLOP/s by the matmul peak measured here, on the same machine,
 with a large square matmul in the config's compute dtype. Peak memory is the device's
 `peak_bytes_in_use` where the backend reports it (GPU/TPU) and the process's maximum resident set
-size otherwise (CPU). The measurements are `benchmarks/common.py`'s; `benchmarks/run_all.py` times
+size otherwise (CPU). Params on device 0 are the bytes of parameter shards the mesh's first device
+holds: `--config.mesh.model=N --config.sharding_rules=megatron` splits the transformer matmuls over
+N devices. The measurements are `benchmarks/common.py`'s; `benchmarks/run_all.py` times
 every method's step this way in one table.
 """
 from __future__ import annotations
@@ -57,6 +59,9 @@ def main(_):
       "label": rng.integers(0, exp.data.source.num_classes, FLAGS.batch_size).astype(np.int32),
   }, exp.mesh)
 
+  # Measured before the steps, which donate the state.
+  param_bytes = sharding.bytes_on_device(exp.state["params"], exp.mesh.devices.flat[0])
+  total_bytes = sum(x.nbytes for x in jax.tree.leaves(exp.state["params"]))
   timing, _ = common.time_step(exp.train_step, (exp.state, batch), steps=FLAGS.steps,
                                carry=lambda args, outputs: (outputs[0], args[1]))
   flops_per_step, step_seconds, times = timing.flops, timing.seconds, timing.times
@@ -76,6 +81,8 @@ def main(_):
   print(f"compile {timing.compile_s:.1f} s; XLA memory (arguments + temporaries + outputs): "
         f"{timing.xla_bytes / common.GIB:.2f} GiB; peak memory ({memory_kind}): "
         f"{memory / common.GIB:.2f} GiB")
+  print(f"params on device 0 of the {dict(exp.mesh.shape)} mesh: {param_bytes / 2**20:.1f} MiB "
+        f"(of {total_bytes / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def base_config(*, model_name: str, model: dict,
   config.label_smoothing = 0.0
   config.mesh = ml_collections.ConfigDict(dict(num_devices=0, model=1))  # 0 = all devices
   config.param_sharding = "replicate"  # or 'fsdp'
+  config.sharding_rules = "none"  # 'megatron': transformer matmuls split on mesh.model devices
   config.log_every_steps = 50
   # Evaluators by name (jaxprompt/evaluators/): {type, split, every_steps | every_epochs, ...};
   # their metrics are '{name}/{metric}'. `evals(...)` below makes the usual ones.

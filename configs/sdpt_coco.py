@@ -32,10 +32,11 @@ and the release's own re-implementations (each module docstring says what of the
 kept): vpt (VPT prompts in GLIP's Swin, prompts/glip_vpt.py), lora and lora_release (LoRA r=16 on
 Swin's qkv and the fusion projections; lora_release also trains the Swin qkv biases, as the
 release does, prompts/glip_lora.py), maple and upt (prompts/glip_maple.py, glip_upt.py). On the
-demo's random tiny GLIP, measured from this config: SDPT 0.199, full 0.215, language_prompt
-0.000 test AP; bitfit 0.026, linear_probe 0.005, vpt, lora, maple, upt 0.000 (these four runs
-before the fusion attention's written-out backward, which moves the rounding; a random frozen
-GLIP gives the small sets nothing to adapt).
+demo's random tiny GLIP, measured from this config: SDPT 0.157, full 0.203, language_prompt
+0.000 test AP (2026-12-01; with the earlier threefry dropout masks 0.199, 0.215, 0.000); bitfit
+0.026, linear_probe 0.005, vpt, lora, maple, upt 0.000 (these six with threefry masks, the last
+four also before the fusion attention's written-out backward, which moves the rounding; a random
+frozen GLIP gives the small sets nothing to adapt).
 
 Recipe (the README command on SDPT's copy of configs/pretrain/glip_Swin_L.yaml): AdamW with GLIP's
 groups (biases lr x2, no decay), lr 1e-5 for everything, weight decay 0.01, GLIP's warm-up of 2000

@@ -23,6 +23,7 @@ import ml_collections
 
 FREE_FORM_KEYS = ("dataset_kwargs",)  # their keys are the data source's keyword arguments
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+SHARDING_RULES = ("none", "megatron")  # the names of jaxprompt.sharding.SHARDING_RULES
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,11 @@ def check_spine(config) -> None:
     _int_at_least(config, key, 0, default=0)
   _int_at_least(config, "mesh.num_devices", 0, default=0)
   _int_at_least(config, "mesh.model", 1, default=1)
+  rules = config.get("sharding_rules", "none")
+  _require(rules in SHARDING_RULES, "sharding_rules", rules, f"one of {SHARDING_RULES}")
+  _require(_get(config, "mesh.model", 1) == 1 or rules != "none", "sharding_rules", rules,
+           "a rule set ('megatron') when mesh.model > 1: without one no param is split on the "
+           "model axis")
   if not config.get("total_steps"):
     _require(isinstance(config.get("num_epochs"), (int, float)) and config.num_epochs > 0,
              "num_epochs", config.get("num_epochs"), "> 0 when total_steps is 0")

@@ -26,7 +26,7 @@ from jaxprompt import checkpointing, writers
 RECORD_FILE = "config.json"
 MAY_DIFFER = ("mode", "total_steps", "num_epochs", "log_every_steps", "evals", "keep_best",
               "eval_at_best", "early_stop_patience", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-              "mesh", "param_sharding", "data_dir", "overwrite", "strict_resume",
+              "mesh", "param_sharding", "sharding_rules", "data_dir", "overwrite", "strict_resume",
               "optim.ema_for_eval")
 
 

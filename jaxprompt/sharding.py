@@ -1,10 +1,20 @@
 """Device mesh, NamedSharding rules for params and batches, and global-batch assembly.
 
-After big_vision's `sharding.py` and `train.py`: a mesh with a 'data' axis (and a 'model' axis
-reserved for tensor parallelism, size 1 today); the batch is split over 'data'; params are either
-replicated or FSDP-sharded (each large array split along its largest dimension divisible by the
-'data' axis size, ZeRO-3 style, the compiler inserting the all-gathers). State is born sharded by
-jitting its initialiser with these shardings as `out_shardings`.
+After big_vision's `sharding.py` and `train.py`: a ('data', 'model') mesh; the batch is split over
+'data'; params are either replicated or FSDP-sharded (each large array split along its largest
+dimension divisible by the 'data' axis size, ZeRO-3 style, the compiler inserting the all-gathers).
+State is born sharded by jitting its initialiser with these shardings as `out_shardings`.
+
+Tensor parallelism on the 'model' axis follows Megatron-LM (Shoeybi et al. 2019, §3; NVIDIA's
+Megatron-LM `megatron/core/tensor_parallel/layers.py`, ColumnParallelLinear and RowParallelLinear):
+in every transformer block the attention's query/key/value projections and the MLP's first Dense are
+split by output (heads, hidden units), the attention's output projection and the MLP's second Dense
+by input, so each device computes its heads and hidden units and one all-reduce per sub-block sums
+them. As in big_vision, these are rules in the config's terms: (regex searched in the '/'-joined
+param name, PartitionSpec) pairs, the first match wins (`SHARDING_RULES`, chosen by
+`config.sharding_rules`); a param no rule matches is replicated or FSDP-sharded as above. The
+optimizer state of a param carries its name as a suffix, so it is sharded the same way. Deviation: a
+rule-matched param is split on 'model' only, not also FSDP-sharded on 'data'.
 
 Several processes (hosts) join one JAX runtime with `join_processes` before the mesh is built
 (`jax.distributed.initialize`: auto-detected on TPU pods, SLURM and Open MPI, or an explicit
@@ -19,6 +29,7 @@ message that says what to check.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 
@@ -28,6 +39,26 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
+
+# The layers of a transformer block, by their names in models/vit.py (`Encoder1DBlock`: kernels
+# (D, H, D/H), out (H, D/H, D), Dense_0 (D, F), Dense_1 (F, D)), models/clip.py
+# (`ResidualAttentionBlock`: the same attention layout under 'attn'; mlp c_fc (D, 4D) and
+# c_proj (4D, D)), models/bert.py (`Layer`: the same attention under 'attention'; intermediate
+# (D, F), output (F, D)) and models/swin.py (`SwinBlock`: one fused attn/qkv (C, 3C), attn/proj
+# (C, C), mlp fc1 (C, 4C), fc2 (4C, C)). Swin's fused qkv is split into contiguous column blocks,
+# not by head: the same numbers, but the compiler may need a collective to regroup it by head.
+_ATTENTION = r"(MultiHeadDotProductAttention_1|attn|layer_\d+/attention)"
+_COLUMN_SPLIT = r"(MlpBlock_3/Dense_0|mlp/c_fc|layer_\d+/intermediate|mlp/fc1|attn/qkv)"
+_ROW_SPLIT = r"(MlpBlock_3/Dense_1|mlp/c_proj|layer_\d+/output|mlp/fc2|attn/proj)"
+MEGATRON_RULES = (
+    (_ATTENTION + r"/(query|key|value)/kernel$", P(None, MODEL, None)),  # heads
+    (_ATTENTION + r"/(query|key|value)/bias$", P(MODEL, None)),
+    (_ATTENTION + r"/out/kernel$", P(MODEL, None, None)),  # bias (D,) replicated
+    (_COLUMN_SPLIT + r"/kernel$", P(None, MODEL)),  # columns: hidden units
+    (_COLUMN_SPLIT + r"/bias$", P(MODEL)),
+    (_ROW_SPLIT + r"/kernel$", P(MODEL, None)),  # rows; bias (D,) replicated
+)
+SHARDING_RULES = {"none": (), "megatron": MEGATRON_RULES}
 
 
 def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
@@ -63,14 +94,48 @@ def fsdp_spec(shape, data_size: int, min_size: int = 2 ** 14) -> P:
   return P()
 
 
-def tree_shardings(tree, mesh: Mesh, strategy: str):
-  """NamedShardings for every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
-  if strategy == "replicate":
-    return jax.tree.map(lambda _: replicated(mesh), tree)
-  if strategy == "fsdp":
-    data_size = mesh.shape[DATA]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, data_size)), tree)
-  raise ValueError(f"param_sharding={strategy!r}: expected 'replicate' or 'fsdp'.")
+def path_name(path) -> str:
+  """The '/'-joined name of a tree path (dict keys, sequence indices, attribute names)."""
+  return "/".join(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+                  for key in path)
+
+
+def rule_spec(name: str, shape, rules, mesh: Mesh) -> P | None:
+  """The PartitionSpec of the first rule whose regex is found in `name` (None: no rule matches),
+  checked against `shape` and the mesh's axis sizes."""
+  for regex, spec in rules:
+    if not re.search(regex, name):
+      continue
+    if len(spec) > len(shape):
+      raise ValueError(f"Sharding rule {regex!r} gives {spec} to {name} of shape {tuple(shape)}: "
+                       f"more dimensions than the param has.")
+    for dim, axis in enumerate(spec):
+      if axis is not None and shape[dim] % mesh.shape[axis]:
+        raise ValueError(
+            f"{name} of shape {tuple(shape)}: dimension {dim} ({shape[dim]}) is not divisible by "
+            f"the mesh's {axis!r} axis of size {mesh.shape[axis]} (sharding rule {regex!r}); "
+            f"pick a mesh.{axis} that divides it.")
+    return spec
+  return None
+
+
+def tree_shardings(tree, mesh: Mesh, strategy: str, rules=()):
+  """NamedShardings for every array leaf of `tree` (arrays or ShapeDtypeStructs): the spec of the
+  first of `rules` ((regex, PartitionSpec) pairs) that matches the leaf's name, else `strategy`."""
+  if strategy not in ("replicate", "fsdp"):
+    raise ValueError(f"param_sharding={strategy!r}: expected 'replicate' or 'fsdp'.")
+  data_size = mesh.shape[DATA] if strategy == "fsdp" else 1
+
+  def leaf_sharding(path, x):
+    spec = rule_spec(path_name(path), x.shape, rules, mesh)
+    return NamedSharding(mesh, fsdp_spec(x.shape, data_size) if spec is None else spec)
+  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def bytes_on_device(tree, device) -> int:
+  """Bytes of the array shards of `tree` that `device` holds (what model sharding shrinks)."""
+  return sum(shard.data.nbytes for x in jax.tree.leaves(tree) for shard in x.addressable_shards
+             if shard.device == device)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

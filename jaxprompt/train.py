@@ -145,13 +145,16 @@ def init_inputs(method, data: Data, config) -> list:
   return [np.zeros((1, *shapes[k][0]), shapes[k][1]) for k in method.inputs]
 
 
-def init_variables(model, inputs, loaders, parts: dict, *, seed: int, mesh, rule: str):
+def init_variables(model, inputs, loaders, parts: dict, *, seed: int, mesh, rule: str,
+                   rules=()):
   """(variables, their shardings) of `model`: initialised from example `inputs`, born sharded by
-  `rule`, then each `parts` entry (part -> path) merged by `loaders[part]`. The trained model is
-  built so, and so is a frozen model beside it (a reward or teacher: e.g. a CLIP with
-  `{'model': coop.load_clip}`), which then never enters the optimizer."""
+  the sharding `rules` (then `rule`), then each `parts` entry (part -> path) merged by
+  `loaders[part]`. The trained model is built so, and so is a frozen model beside it (a reward
+  or teacher: e.g. a CLIP with `{'model': coop.load_clip}`), which then never enters the
+  optimizer."""
   init_fn = lambda rng: model.init(rng, *inputs, train=False)
-  shardings = sharding.tree_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh, rule)
+  shardings = sharding.tree_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh, rule,
+                                       rules)
   variables_ = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(seed))
   if parts:
     host = multihost_utils.process_allgather(variables_, tiled=True)
@@ -222,8 +225,9 @@ def build(config) -> Experiment:
                       getattr(data.source, "class_names", None))
   inputs = init_inputs(method, data, config)
   parts = method_lib.model_init_parts(config.get("model_init"), method, config.model_name)
+  rules = sharding.SHARDING_RULES[config.get("sharding_rules", "none")]
   variables_, var_shardings = init_variables(model, inputs, method.loaders, parts, seed=config.seed,
-                                             mesh=mesh, rule=config.param_sharding)
+                                             mesh=mesh, rule=config.param_sharding, rules=rules)
   params = variables_["params"]
   model_state = {k: v for k, v in variables_.items() if k != "params"}
 
@@ -251,7 +255,7 @@ def build(config) -> Experiment:
   tx, schedule = optim.make_optimizer(config.optim, trainable, total_steps=total_steps,
                                       warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
   opt_abstract = jax.eval_shape(tx.init, trainable)
-  opt_shardings = sharding.tree_shardings(opt_abstract, mesh, config.param_sharding)
+  opt_shardings = sharding.tree_shardings(opt_abstract, mesh, config.param_sharding, rules)
   if config.mode == "train":
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   else:  # evaluation never steps: only the shapes, to restore a checkpoint with (no memory; a

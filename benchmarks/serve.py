@@ -25,7 +25,8 @@ call.
 from __future__ import annotations
 
 import functools
-import time
+import os
+import sys
 
 import jax
 import numpy as np
@@ -34,6 +35,10 @@ from flax import traverse_util
 from ml_collections import config_flags
 
 from jaxprompt import export, method as method_lib, run_record, serve, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks import common  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/vpt_vtab.py", "Config whose method is served.")
 flags.DEFINE_string("variant", "B/16", "Backbone variant (ViT-B/16 for CLIP); '' keeps the "
@@ -54,9 +59,7 @@ def best_seconds(fns: dict, repeats: int) -> dict[str, float]:
   best = dict.fromkeys(fns, float("inf"))
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - start)
+      best[name] = min(best[name], common.best_seconds(fn, 1))
   return best
 
 

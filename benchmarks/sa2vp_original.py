@@ -14,12 +14,32 @@ when they are missing, stand-ins providing the three names it reads are installe
 (`DropPath`, `to_2tuple`, `trunc_normal_`; DropPath is unused by the ViT file). MFU divides XLA's
 FLOP count of our step for the same model by the original's step time, so it compares speed
 on one yardstick; the matmul peak is PyTorch's sgemm measured here.
+
+  python benchmarks/sa2vp_original.py --original_repo=/path/to/SA2VP --check_parity
+
+checks instead that prompts trained with the original load into ours and give its logits
+(`config.model_init = 'checkpoint-best.pth'`, `prompts.sa2vp.load_original`),
+for both variants: the ViT is built as the original's `vit_train_sa2vp.py` builds it (no head of
+its own, one shared `class_head` beside it as `vit_base` / `class_head`), its backbone filled by the
+original's own `load_from` from a random Google-format ViT-B/16 dict (which also copies block i's
+LayerNorm_0 and attention into Cross_Block i, as training does), every trainable param moved off its
+init, and the whole state dict written as the original's `utils.save_model` writes it (with
+'optimizer', 'epoch', 'scaler', 'args'). Our model loads that file and both compute, in eval mode
+(the dropout draws differ by design), the image and the prompt logits of the same random images;
+the check passes at a max relative error (max |ours - original| / max |original|) <= 1e-4. The
+size is ViT-B/16 at 224 px, since the original hard-codes 768 channels, 12 cross blocks, the 14x14
+grid, d = 16 and two deep prompt maps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import os
+import re
 import sys
+import tempfile
 import time
 import types
 
@@ -47,6 +67,91 @@ def _install_stand_ins() -> None:
     sys.modules["timm.models.layers"] = layers
 
 
+def import_original(repo: str, variant: str):
+  """The original's `vit_tinypara_acc` ('acc') or `vit_tinypara` ('reference') module."""
+  _install_stand_ins()
+  if f"{repo}/vpt_main" not in sys.path:
+    sys.path.insert(0, f"{repo}/vpt_main")
+  return importlib.import_module("src.models.vit_backbones."
+                                 + ("vit_tinypara_acc" if variant == "acc" else "vit_tinypara"))
+
+
+class DualModel(torch.nn.Module):
+  """The module `vit_train_sa2vp.py` trains and saves: the ViT without a head (it returns the two
+  CLS features) as `vit_base`, and one head on both as `class_head`."""
+
+  def __init__(self, vit, num_classes: int):
+    super().__init__()
+    self.vit_base = vit
+    self.class_head = torch.nn.Linear(768, num_classes)
+
+  def forward(self, images):
+    image, prompt = self.vit_base(images)
+    return self.class_head(image), self.class_head(prompt)
+
+
+def random_google_vit(backbone: dict, rng) -> dict:
+  """Random float32 arrays under Google's `.npz` names and shapes (`backbone`: name -> shape):
+  LayerNorm scales 1 + N(0, 0.1^2), kernels N(0, 1/768) (unit-scale queries and keys, so that the
+  attention weights are far from uniform), the rest N(0, 0.1^2)."""
+  def draw(name, shape):
+    if name.endswith("scale"):
+      return 1.0 + 0.1 * rng.normal(size=shape)
+    return (768**-0.5 if name.endswith("kernel") else 0.1) * rng.normal(size=shape)
+
+  return {name: draw(name, shape).astype(np.float32) for name, shape in backbone.items()}
+
+
+def check_parity(args) -> bool:
+  """Saves a randomly weighted original SA2VP, loads it into ours and compares the eval logits of
+  both variants; True when each is within 1e-4 relative."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jaxprompt.models import common  # pylint: disable=import-outside-toplevel
+  from jaxprompt.prompts import sa2vp  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(args.parity_batch_size, 224, 224, 3)).astype(np.float32)
+  passed = True
+  for variant in ("acc", "reference"):
+    torch.manual_seed(0)
+    ours = sa2vp.Model(num_classes=args.num_classes, variant="B/16", inter_dim=16,
+                       inter_weight=0.1, dropout=0.1, deep_prompt_layers=(4, 8),
+                       cross_attention=variant)
+    variables = jax.eval_shape(
+        lambda: ours.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+    trainable = re.compile(sa2vp.TRAINABLE_PARAMS)
+    backbone = {name: param.shape for name, param in common.flatten(variables["params"]).items()
+                if not trainable.fullmatch(name)}
+    module = import_original(args.original_repo, variant)
+    original = DualModel(module.VisionTransformer("sup_vitb16_imagenet21k", 224, num_classes=-1),
+                         args.num_classes)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # load_from prints per block
+      original.vit_base.load_from(random_google_vit(backbone, rng))
+      for name, param in original.named_parameters():  # off the init (LN ones, 1e-6 biases)
+        if re.search(r"ppt|deep_|cross_conv|cross_attn\.\d+\.ffn|class_head", name):
+          param.add_((0.5 if "cross_conv" in name else 0.05) * torch.randn_like(param))
+    original.eval()
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, "checkpoint-best.pth")
+      torch.save({"model": original.state_dict(),
+                  "optimizer": torch.optim.AdamW(original.parameters()).state_dict(),
+                  "epoch": "best", "scaler": {"scale": 65536.0},
+                  "args": argparse.Namespace(nb_classes=args.num_classes, lr=1e-3)}, path)
+      loaded = sa2vp.METHOD.loaders["model"](variables, path)  # config.model_init=path
+    with torch.no_grad():
+      expected = [x.numpy() for x in original(torch.from_numpy(images.transpose(0, 3, 1, 2)))]
+    logits, aux = jax.jit(lambda v, x: ours.apply(v, x, train=False))(loaded, images)
+    for what, got, want in (("image logits", logits, expected[0]),
+                            ("prompt logits", aux["prompt_logits"], expected[1])):
+      error = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+      passed &= error <= 1e-4
+      print(f"{module.__name__.rsplit('.', 1)[-1]} vs ours (cross_attention={variant!r}), "
+            f"{what} {want.shape}: max relative error {error:.2e} (max |original| "
+            f"{np.abs(want).max():.3g}){'' if error <= 1e-4 else '  > 1e-4: FAILED'}")
+  return passed
+
+
 def sgemm_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   a, b = torch.randn(n, n), torch.randn(n, n)
   a @ b
@@ -70,13 +175,15 @@ def main():
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
   parser.add_argument("--gflop_per_step", type=float, default=0.0,
                       help="FLOPs of one step (from benchmarks/train_step.py) for the MFU column")
+  parser.add_argument("--check_parity", action="store_true",
+                      help="instead of timing: load a saved original into ours, compare logits")
+  parser.add_argument("--parity_batch_size", type=int, default=2)
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
-  _install_stand_ins()
-  sys.path.insert(0, f"{args.original_repo}/vpt_main")
-  module = importlib.import_module("src.models.vit_backbones."
-                                   + ("vit_tinypara_acc" if args.variant == "acc" else "vit_tinypara"))
+  if args.check_parity:
+    sys.exit(0 if check_parity(args) else 1)
+  module = import_original(args.original_repo, args.variant)
   model = module.VisionTransformer("sup_vitb16_imagenet21k", 224, num_classes=args.num_classes)
   trainable = ("ppt", "deep_", "cross_", "head")
   params = []

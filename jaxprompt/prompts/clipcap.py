@@ -189,9 +189,23 @@ class Model(nn.Module):
 
   def prompt_embeds(self, images):
     """The decoding prompt (B, P + 1, D): the image prefix, then '</s>'."""
-    prefix = self.image_prefix(images)
+    return self.embedding_prompt(clip.normalize(self.clip.encode_image(images)))
+
+  def embedding_prompt(self, embedding):
+    """The decoding prompt (B, P + 1, D) of normalised CLIP embeddings (B, E): the mapped
+    prefix, then '</s>' (RLCF's `generate_opt.py` with prompt "")."""
+    prefix = self.mapper(embedding)
     bos = self.opt.embed(jnp.full((prefix.shape[0], 1), opt.BOS_TOKEN_ID, jnp.int32))
     return jnp.concatenate([prefix, bos.astype(prefix.dtype)], axis=1)
+
+  def caption_logits(self, prefix, token_ids, token_mask):
+    """Teacher forcing: the logits (B, L, V) at positions P - 1 .. P + L - 2 of the decoder run on
+    concat(prefix (B, P, D), embed(token_ids (B, L))), the mask ones over the prefix then
+    token_mask (B, L); so position j's logits predict token_ids[:, j]."""
+    mask = jnp.concatenate([jnp.ones(prefix.shape[:2], jnp.int32),
+                            token_mask.astype(jnp.int32)], axis=1)
+    embeds = jnp.concatenate([prefix, self.opt.embed(token_ids).astype(prefix.dtype)], axis=1)
+    return self.opt(embeds, mask)[:, prefix.shape[1] - 1:-1]
 
   def __call__(self, images, *, train: bool = False, caption_ids=None, caption_tokens=None):
     if self.is_initializing():  # the whole CLIP (its text tower too: CapDec, CLIP-S)
@@ -212,12 +226,8 @@ class Model(nn.Module):
       prefix = self.text_prefix(tokens, self.make_rng("dropout"))
     else:
       prefix = self.image_prefix(images)
-    ids = jnp.maximum(caption_ids, 0)
-    mask = jnp.concatenate([jnp.ones(prefix.shape[:2], jnp.int32),
-                            (caption_ids >= 0).astype(jnp.int32)], axis=1)
-    embeds = jnp.concatenate([prefix, self.opt.embed(ids).astype(prefix.dtype)], axis=1)
-    logits = self.opt(embeds, mask)
-    return logits[:, self.prefix_length - 1:-1], {"prefix": prefix}
+    logits = self.caption_logits(prefix, jnp.maximum(caption_ids, 0), caption_ids >= 0)
+    return logits, {"prefix": prefix}
 
 
 def caption_loss(logits, caption_ids):

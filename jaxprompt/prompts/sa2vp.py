@@ -33,9 +33,23 @@ Deliberate choices (numerically identical to the reference while the backbone is
     the batch so that dropout is still drawn per example, as in the reference's expanded batch;
   * `cross_attention='acc'` gives `vit_tinypara_acc.py`'s rule (one 768-wide head, zero-padded
     neighbourhood); same params, so prompts trained either way load into either.
+
+Prompts trained with the original load as they are: `config.model_init=checkpoint-best.pth` (what
+its `vit_train_sa2vp.py` saves, or a bare `VisionTransformer` state dict) goes to `load_original`,
+told apart from a ViT checkpoint by its keys, and sets the whole tree: backbone, `ppt`, the cross
+adapters, the deep prompt maps and the head (`class_head`). Set `model.cross_attention='acc'` when
+it trained `vit_tinypara_acc.py` (the file does not record the variant), and the same `inter_dim`,
+`deep_prompt_layers`, image size and number of classes; any other shape, a missing or extra key, or
+a cross adapter's frozen LayerNorm_0/attention copy unlike block i's own (ours has no copy) is
+refused naming the file and the original's key. `benchmarks/sa2vp_original.py --check_parity`
+checks the logits of both variants against the original's code.
 """
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -280,8 +294,188 @@ def make_loss(config, source):
 
 
 def load(init_params, path: str):
-  """Loads a ViT checkpoint (Google .npz or Hugging Face) into an SA2VP param tree."""
+  """Loads `config.model_init` into an SA2VP param tree: a ViT checkpoint (Google .npz or Hugging
+  Face; the SA2VP params keep their init) or, told apart by its keys, a checkpoint of the original
+  SA2VP (`load_original`: backbone, prompts, cross adapters, deep prompt maps and head)."""
+  path = os.fspath(path)
+  if os.path.splitext(path)[1].lower() in (".safetensors", *common.TORCH_EXTENSIONS):
+    state = _read_torch_checkpoint(path)  # vit.load reads a Hugging Face file again: once per run
+    if any(key.startswith(_ORIGINAL_PREFIXES) or key == _ORIGINAL_MARKER for key in state):
+      return load_original(init_params, state, path)
   return vit.load(init_params, path, dont_load=(TRAINABLE_PARAMS,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of the original (tommy-xq/SA2VP): `utils.save_model` writes
+# {'model': Dual_model.state_dict(), 'optimizer', 'epoch', 'scaler', 'args'} with torch.save, the
+# ViT under 'vit_base.' (`vit_tinypara.py` or `vit_tinypara_acc.py`: the same keys) and the shared
+# head as 'class_head.'. Keys below are without 'vit_base.'; a bare `VisionTransformer(num_classes=
+# C)` state dict (head 'head.') loads too.
+# ---------------------------------------------------------------------------------------------
+
+# Keys that only the original's files have: the training script's prefixes, and its prompt.
+_ORIGINAL_PREFIXES = ("vit_base.", "class_head.")
+_ORIGINAL_MARKER = "transformer.embeddings.ppt"
+# Our module (regex over '/'-joined names) -> the original's module; the leaf maps by
+# _ORIGINAL_LEAVES (Linear/Conv2d 'weight', LayerNorm 'weight', 'bias').
+_ORIGINAL_MODULES = (
+    (r"embedding", "transformer.embeddings.patch_embeddings"),
+    (r"Transformer/ppt_proj", "transformer.embeddings.ppt_proj"),
+    (r"Transformer/deep_proj_(\d+)", r"transformer.encoder.deep_proj.\1"),
+    (r"Transformer/encoder_norm", "transformer.encoder.encoder_norm"),
+    (r"Transformer/encoderblock_(\d+)/LayerNorm_0", r"transformer.encoder.layer.\1.attention_norm"),
+    (r"Transformer/encoderblock_(\d+)/LayerNorm_2", r"transformer.encoder.layer.\1.ffn_norm"),
+    (r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/(query|key|value|out)",
+     r"transformer.encoder.layer.\1.attn.\2"),
+    (r"Transformer/encoderblock_(\d+)/MlpBlock_3/Dense_0", r"transformer.encoder.layer.\1.ffn.fc1"),
+    (r"Transformer/encoderblock_(\d+)/MlpBlock_3/Dense_1", r"transformer.encoder.layer.\1.ffn.fc2"),
+    (r"Transformer/cross_block_(\d+)/ffn_norm", r"transformer.encoder.cross_attn.\1.ffn_norm"),
+    (r"Transformer/cross_block_(\d+)/ffn/Dense_0", r"transformer.encoder.cross_attn.\1.ffn.fc1"),
+    (r"Transformer/cross_block_(\d+)/ffn/Dense_1", r"transformer.encoder.cross_attn.\1.ffn.fc2"),
+    (r"head", "head"),
+)
+_ORIGINAL_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+# Our params that are whole nn.Parameters in the original.
+_ORIGINAL_PARAMS = {
+    "cls": "transformer.embeddings.cls_token",
+    "Transformer/posembed_input/pos_embedding": "transformer.embeddings.position_embeddings",
+    "Transformer/ppt": "transformer.embeddings.ppt",
+    "Transformer/deep_ppt": "transformer.encoder.deep_ppt",
+    "Transformer/cross_conv": "transformer.encoder.cross_conv",
+}
+# The original's Cross_Block i holds frozen copies of block i's LayerNorm_0 and attention (its
+# `load_from` copies them from the same .npz entries): `_block_key_of_copy`.
+_ORIGINAL_COPY = (r"transformer\.encoder\.cross_attn\.(\d+)\.(attention_norm|attn\.to_(q|k|v|out))"
+                  r"\.(weight|bias)")
+_ORIGINAL_ATTENTION_COPIES = {"q": "query", "k": "key", "v": "value", "out": "out"}
+_ORIGINAL_SHAPES_HINT = (
+    "The model's config sets these shapes: model.variant (width, depth, heads, MLP width), "
+    "model.inter_dim (last axis of ppt and deep_ppt, the cross adapters' bottleneck), "
+    "model.deep_prompt_layers (one deep_ppt / cross_conv / deep_proj per layer; the original's "
+    "Stanford Cars setting has one), the image size (the token count, 197 at 224 px) and the "
+    "data's number of classes (class_head).")
+
+
+def _original_key(name: str) -> str:
+  """Our '/'-joined param name -> the original's state dict key (without 'vit_base.')."""
+  if name in _ORIGINAL_PARAMS:
+    return _ORIGINAL_PARAMS[name]
+  module, leaf = name.rsplit("/", 1)
+  for pattern, original in _ORIGINAL_MODULES:
+    if re.fullmatch(pattern, module) and leaf in _ORIGINAL_LEAVES:
+      return f"{re.sub(pattern, original, module)}.{_ORIGINAL_LEAVES[leaf]}"
+  raise ValueError(f"SA2VP param {name!r} has no counterpart in the original's checkpoints.")
+
+
+def _block_key_of_copy(key: str) -> str | None:
+  """'transformer.encoder.cross_attn.i.attn.to_q.weight' -> block i's 'attn.query.weight' (and
+  so on, LayerNorm included); None for a key that is no such copy."""
+  match = re.fullmatch(_ORIGINAL_COPY, key)
+  if not match:
+    return None
+  module = ("attention_norm" if match[3] is None
+            else f"attn.{_ORIGINAL_ATTENTION_COPIES[match[3]]}")
+  return f"transformer.encoder.layer.{match[1]}.{module}.{match[4]}"
+
+
+def _torch_layout(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], Callable]:
+  """(the original's shape of our param `name` of `shape`, its array -> ours).
+
+  Conv2d (D, 3, p, p) -> (p, p, 3, D); Linear weights (out, in) are transposed and reshaped to
+  Flax's attention layout (query/key/value (D, H, D/H), out (H, D/H, D)); biases and LayerNorm
+  weights are flat vectors reshaped to ours ((H, D/H) for the attention's); nn.Parameters stay.
+  """
+  if name == "embedding/kernel":
+    return (shape[3], shape[2], shape[0], shape[1]), lambda x: x.transpose(2, 3, 1, 0)
+  if name.endswith("/kernel"):
+    fan_in = 2 if name.endswith("MultiHeadDotProductAttention_1/out/kernel") else 1
+    fan_in, fan_out = math.prod(shape[:fan_in]), math.prod(shape[fan_in:])
+    return (fan_out, fan_in), lambda x: x.T.reshape(shape)
+  if name.endswith(("/bias", "/scale")):
+    return (math.prod(shape),), lambda x: x.reshape(shape)
+  return tuple(shape), lambda x: x
+
+
+def _read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """`common.load_torch_state_dict`, allowing `argparse.Namespace` in a torch.save file: the
+  'args' entry the original's `save_model` writes beside the state dict (attribute values only;
+  nothing runs)."""
+  if os.path.splitext(path)[1].lower() == ".safetensors":
+    return common.load_torch_state_dict(path)
+  torch = common.import_torch(path)
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    return common.load_torch_state_dict(path)
+
+
+def load_original(init_params, state: dict[str, np.ndarray], path: str):
+  """Merges the state dict `state` of an original SA2VP ViT checkpoint (tommy-xq/SA2VP
+  `vit_train_sa2vp.py`'s `checkpoint-*.pth`, either variant), read from `path`, into an SA2VP
+  param tree, strictly.
+
+  Every key of the file and every param of the model must pair up with the same shape; otherwise
+  one ValueError names the file and lists each missing, unexpected and mis-shaped key in the
+  original's names. The cross adapters' frozen copies of block i's LayerNorm_0 and attention
+  (`cross_attn.i.attention_norm`, `cross_attn.i.attn.to_q|k|v|out`) must equal block i's, since
+  ours reads block i's own. Which variant trained the prompts is not in the file: set
+  `config.model.cross_attention` ('acc' for `vit_tinypara_acc.py`, 'reference' for
+  `vit_tinypara.py`).
+  """
+  entries = {}
+  for key, value in state.items():
+    ours = re.sub(r"^class_head\.", "head.", key.removeprefix("vit_base."))
+    if ours in entries:
+      raise ValueError(f"{path}: keys {entries[ours][0]!r} and {key!r} are the same parameter.")
+    entries[ours] = (key, value)
+  if _ORIGINAL_MARKER not in entries:
+    raise ValueError(
+        f"{path} is not a checkpoint of the original SA2VP on ViT (tommy-xq/SA2VP "
+        f"vit_train_sa2vp.py): it has no 'vit_base.{_ORIGINAL_MARKER}'; its first keys: "
+        f"{sorted(state)[:5]}. (A Swin SA2VP checkpoint has 'vit_base.layers.*'.)")
+  training_script = any(key.startswith("vit_base.") for key, _ in entries.values())
+
+  def display(key):  # a key as the file has it, or would have it
+    if key in entries:
+      return entries[key][0]
+    if not training_script:
+      return key
+    return f"class_head.{key[5:]}" if key.startswith("head.") else f"vit_base.{key}"
+
+  loaded, missing, wrong_shape, used, loaded_keys = {}, [], [], set(), set()
+  for name, param in common.flatten(init_params).items():
+    key = _original_key(name)
+    expected, to_ours = _torch_layout(name, tuple(param.shape))
+    if key not in entries:
+      missing.append(f"{display(key)} {expected} (for {name})")
+      continue
+    used.add(key)
+    value = entries[key][1]
+    if value.shape != expected:
+      wrong_shape.append(f"{display(key)}: checkpoint {value.shape} vs expected {expected} "
+                         f"(for {name})")
+    else:
+      loaded[name] = to_ours(value)
+      loaded_keys.add(key)
+  unexpected, copies_differ = [], []
+  for key in sorted(set(entries) - used):
+    block_key = _block_key_of_copy(key)
+    if block_key is None or block_key not in used:
+      unexpected.append(display(key))
+    elif block_key in loaded_keys and not np.array_equal(entries[key][1], entries[block_key][1]):
+      copies_differ.append(f"{display(key)} differs from {display(block_key)}")
+  if missing or unexpected or wrong_shape or copies_differ:
+    lines = [f"Checkpoint {path} does not match the SA2VP model as configured (keys in the "
+             "original's names, tommy-xq/SA2VP vit_tinypara.py):"]
+    for title, keys in (("missing from the checkpoint", missing),
+                        ("in the checkpoint but not in the model", unexpected),
+                        ("wrong shape", wrong_shape),
+                        ("a cross adapter's frozen copy unlike its block's weight (ours reads "
+                         "block i's own)", copies_differ)):
+      if keys:
+        lines += [f"  {title} ({len(keys)}):", *(f"    {key}" for key in keys)]
+    if wrong_shape or missing:
+      lines.append(_ORIGINAL_SHAPES_HINT)
+    raise ValueError("\n".join(lines))
+  return common.merge_params(loaded, init_params, source=path)
 
 
 METHOD = method.Method(model=Model, trainable=TRAINABLE_PARAMS,

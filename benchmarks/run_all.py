@@ -20,7 +20,9 @@ Each method runs in its own subprocess (`--child=NAME`), so one that fails or ru
     call); for RPL also `embed` (the category embeddings, `rpl.Model.category_embeddings` as
     `rpl_pipeline.category_embeddings` runs it) and `retrieve` (`rpl_pipeline`'s exact top-k,
     `retrieval.sharded_top_k`, which compiles at each call: its time includes the compile and
-    its FLOPs are the 2 Q N E of the scores, not XLA's);
+    its FLOPs are the 2 Q N E of the scores, not XLA's); for ClipCap, benchmarks/captioning.py's
+    measurements at its 'reduced' size (beam search with and without the KV cache, the mapper's
+    train step on a synthetic batch);
   * pipeline: the config's train pp (TTA: its eval pp, the 64 views) through
     `pipeline.make_train_dataset` (TTA: the evaluator's batches) over the same data, batches of
     the step's size, examples/s over >= 32 examples (TTA: 8) after one warm-up batch, against
@@ -100,6 +102,8 @@ METHODS = {
     "dgl": Method("DGL", "dgl_msrvtt.py", "video (DGL)", "videos"),
     "tpt": Method("TPT", "tpt_imagenet.py", "TTA views", "samples"),
     "rlcf": Method("RLCF (reward ViT-L/14)", "rlcf_imagenet.py", "TTA views", "samples"),
+    "clipcap": Method("ClipCap (transformer mapper, OPT-125m)", "clipcap_coco.py", "captioning",
+                      "images"),
 }
 
 
@@ -308,9 +312,38 @@ def tta_rows(name: str, args) -> dict:
               pipeline_data=f"{config.dataset} test, pp {config.pp.eval}")
 
 
+def captioning_rows(args) -> dict:
+  """ClipCap: benchmarks/captioning.py's measurements at its 'reduced' size, beside the config's
+  train pp over the embedded captioned shapes."""
+  # pylint: disable=import-outside-toplevel
+  from benchmarks import captioning
+  from input_pipeline import pipeline
+  settings = dataclasses.replace(captioning.SIZES["reduced"], steps=args.steps,
+                                 warmup=args.warmup)
+  paper = captioning.SIZES["paper"]
+  captioner = captioning.build_captioner(settings)
+  config, data = captioner.exp.config, captioner.exp.data
+  dataset = pipeline.make_train_dataset(data.source, config.train_split, data.train_pp,
+                                        global_batch_size=config.batch_size, seed=0)
+  rate = time_pipeline(dataset.as_numpy_iterator(), config.batch_size)
+  rows = [row for measure in captioning.MEASUREMENTS.values()
+          for row in measure(captioner, settings)]
+  for row in rows:
+    if row["step"] == "train":
+      reduced = f"b{settings.train_batch_size} (recipe: {paper.train_batch_size})"
+    elif row["step"].startswith("RLCF"):
+      reduced = captioning.tta_reductions(settings)
+    else:
+      reduced = f"{settings.max_new_tokens} new tokens (RLCF: {paper.max_new_tokens})"
+    row["size"] = f"CLIP ViT-B/16, 224 px, OPT-125m, {row['size']}; reduced: {reduced}"
+  return dict(rows=rows, pipeline=rate, pipeline_data=f"{config.dataset}, pp {config.pp.train}")
+
+
 def run_child(name: str, args) -> dict:
   if name in ("tpt", "rlcf"):
     out = tta_rows(name, args)
+  elif name == "clipcap":
+    out = captioning_rows(args)
   elif name == "dgl":
     out = dgl_rows(args)
   else:
@@ -342,10 +375,14 @@ def format_tables(results: dict, peak: float) -> str:
       rate = row["examples"] / row["seconds"]
       if row["step"] == "train":
         train_rate = rate
-      achieved = row["flops"] / row["seconds"]
+      if row["flops"] is None:  # captioning's RLCF rows: host work between jitted calls
+        counts = ["-"] * 3
+      else:
+        achieved = row["flops"] / row["seconds"]
+        counts = [f"{row['flops'] / 1e9:,.0f}", f"{achieved / 1e9:.0f}",
+                  f"{100 * achieved / peak:.0f}%"]
       steps.append([f"{method.label} ({method.config})", row["step"], row["size"],
-                    f"{rate:.3g} {row.get('unit', method.unit)}/s", f"{row['flops'] / 1e9:,.0f}",
-                    f"{achieved / 1e9:.0f}", f"{100 * achieved / peak:.0f}%",
+                    f"{rate:.3g} {row.get('unit', method.unit)}/s", *counts,
                     "-" if row["compile_s"] is None else f"{row['compile_s']:.1f}",
                     gib(row["xla_bytes"])])
     step_rate = train_rate or result["rows"][0]["examples"] / result["rows"][0]["seconds"]

@@ -52,8 +52,18 @@ Python tokenizer (no Java). The demo's captioner says "bottom centre" for most i
 adaptation moves captions towards what the reward CLIP sees (size and half). The test split is not
 shifted: with the 'zoom_out' shift of the retrieval demo the adapted captions call the shrunken
 squares "small" while the references, written from the clean scene, say "medium" / "large", and
-CIDEr falls although CLIP-S rises (seed 42: CIDEr 3.45 -> 2.97, CLIP-S 0.35 -> 0.86). Measured:
-see the README's captioning section.
+CIDEr falls although CLIP-S rises (seed 42: CIDEr 3.45 -> 2.97, CLIP-S 0.35 -> 0.86).
+
+Measured (60 test images, 2 busy CPU cores, about 4 min wall of which the adaptation ~20 s):
+
+  seed 42  CIDEr 3.74 -> 4.61  BLEU-4 0.596 -> 0.653  CLIP-S 1.09 -> 1.31  (reward top-1 0.45)
+  seed 7   CIDEr 3.51 -> 2.79  BLEU-4 0.463 -> 0.401  CLIP-S 1.03 -> 1.05  (reward top-1 0.20)
+
+where "reward top-1" is how often the reward CLIP ranks an image's own first reference first
+among the 60 images' (near-duplicate references count as misses). RLCF follows its reward: with
+the better pre-fit reward (seed 42) the captions gain; with the weaker one (seed 7) they lose, at
+any lr tried (3e-4: CIDEr 3.44, 3e-3: 2.09). CLIP-S here is the evaluator's, with the "A photo
+depicts" prefix, so it is not the reward itself.
 """
 import ml_collections
 

@@ -14,17 +14,21 @@ them. As in big_vision, these are rules in the config's terms: (regex searched i
 param name, PartitionSpec) pairs, the first match wins (`SHARDING_RULES`, chosen by
 `config.sharding_rules`); a param no rule matches is replicated or FSDP-sharded as above. The
 optimizer state of a param carries its name as a suffix, so it is sharded the same way. Deviation: a
-rule-matched param is split on 'model' only, not also FSDP-sharded on 'data'.
+rule-matched param is split on 'model' only, not also FSDP-sharded on 'data'. GLIP's VL-DyHead tower
+(Li et al. 2022, §3.2; microsoft/GLIP `maskrcnn_benchmark/modeling/rpn/vldyhead.py`) is split the
+same way: the bi-directional attention of each VLFuse like a transformer's attention, its in-head
+BERT layers like BERT's, and DyHead's convs by output channel (`MEGATRON_RULES` says which params,
+and why the rest stays replicated).
 
 Several processes (hosts) join one JAX runtime with `join_processes` before the mesh is built
 (`jax.distributed.initialize`: auto-detected on TPU pods, SLURM and Open MPI, or an explicit
 coordinator for local CPU runs, whose collectives are gloo's, JAX's default); the mesh then spans
-every process's devices, each process feeding its devices' rows of the global batch
-(`global_batch`). CPU executions then dispatch synchronously: with asynchronous CPU dispatch, two
-processes' gloo collectives were seen to deadlock within a few evaluation batches, each process
-blocked in a different execution. JAX aborts a process whose peers do not all join within its
-initialization_timeout with a bare DEADLINE_EXCEEDED; `join_processes` stops it first with a
-message that says what to check.
+every process's devices, or `mesh.num_devices` of them taken evenly from every process, each
+process feeding its devices' rows of the global batch (`global_batch`). CPU executions then
+dispatch synchronously: with asynchronous CPU dispatch, two processes' gloo collectives were seen
+to deadlock within a few evaluation batches, each process blocked in a different execution. JAX
+aborts a process whose peers do not all join within its initialization_timeout with a bare
+DEADLINE_EXCEEDED; `join_processes` stops it first with a message that says what to check.
 """
 from __future__ import annotations
 
@@ -44,12 +48,28 @@ DATA, MODEL = "data", "model"
 # (D, H, D/H), out (H, D/H, D), Dense_0 (D, F), Dense_1 (F, D)), models/clip.py
 # (`ResidualAttentionBlock`: the same attention layout under 'attn'; mlp c_fc (D, 4D) and
 # c_proj (4D, D)), models/bert.py (`Layer`: the same attention under 'attention'; intermediate
-# (D, F), output (F, D)) and models/swin.py (`SwinBlock`: one fused attn/qkv (C, 3C), attn/proj
-# (C, C), mlp fc1 (C, 4C), fc2 (4C, C)). Swin's fused qkv is split into contiguous column blocks,
-# not by head: the same numbers, but the compiler may need a collective to regroup it by head.
-_ATTENTION = r"(MultiHeadDotProductAttention_1|attn|layer_\d+/attention)"
-_COLUMN_SPLIT = r"(MlpBlock_3/Dense_0|mlp/c_fc|layer_\d+/intermediate|mlp/fc1|attn/qkv)"
-_ROW_SPLIT = r"(MlpBlock_3/Dense_1|mlp/c_proj|layer_\d+/output|mlp/fc2|attn/proj)"
+# (D, F), output (F, D); GLIP's in-head `fusion.ClampedBertLayer`, 'dyhead_tower_{3i+1}', has the
+# same names) and models/swin.py (`SwinBlock`: one fused attn/qkv (C, 3C), attn/proj (C, C), mlp
+# fc1 (C, 4C), fc2 (4C, C)). Swin's fused qkv is split into contiguous column blocks, not by head:
+# the same numbers, but the compiler may need a collective to regroup it by head.
+_BERT_LAYER = r"(layer|dyhead_tower)_\d+"
+_ATTENTION = rf"(MultiHeadDotProductAttention_1|attn|{_BERT_LAYER}/attention)"
+_COLUMN_SPLIT = rf"(MlpBlock_3/Dense_0|mlp/c_fc|{_BERT_LAYER}/intermediate|mlp/fc1|attn/qkv)"
+_ROW_SPLIT = rf"(MlpBlock_3/Dense_1|mlp/c_proj|{_BERT_LAYER}/output|mlp/fc2|attn/proj)"
+# GLIP's VL-DyHead tower (models/glip/fusion.py, dyconv.py). The bi-directional attention of each
+# VLFuse ('b_attn/attn'): the query (v_proj), key (l_proj) and the two value projections (D, E)
+# split by output, E being head-major so that a model axis dividing the 8 heads splits by head; the
+# two output projections (E, D) by input. DyConv's three 3x3 (deformable) convs (3, 3, C, C) split
+# by output channel: their outputs go through GroupNorm, the scale attention and DyReLU, each of
+# which pools over all channels, so there is no row-split partner and the compiler gathers the
+# channels after each conv (Megatron's ColumnParallelLinear with its output gathered).
+# Replicated: the offset conv (27 outputs), AttnConv_1 (1 output), DyReLU's fc_0 / fc_2 (C x C/4,
+# C/4 x 4C: 0.3 M params at C = 256), the GroupNorms and layer scales, and the prediction heads
+# (1x1 convs to 4, 1 and the frozen class count, the 768 x 256 text projection): together under
+# 2 % of GLIP-L's head, not worth a collective each.
+_FUSION_IN = r"b_attn/attn/(v_proj|l_proj|values_v_proj|values_l_proj)"
+_FUSION_OUT = r"b_attn/attn/(out_v_proj|out_l_proj)"
+_DYCONV = r"dyhead_tower_\d+/DyConv_\d/conv"
 MEGATRON_RULES = (
     (_ATTENTION + r"/(query|key|value)/kernel$", P(None, MODEL, None)),  # heads
     (_ATTENTION + r"/(query|key|value)/bias$", P(MODEL, None)),
@@ -57,21 +77,47 @@ MEGATRON_RULES = (
     (_COLUMN_SPLIT + r"/kernel$", P(None, MODEL)),  # columns: hidden units
     (_COLUMN_SPLIT + r"/bias$", P(MODEL)),
     (_ROW_SPLIT + r"/kernel$", P(MODEL, None)),  # rows; bias (D,) replicated
+    (_FUSION_IN + r"/kernel$", P(None, MODEL)),  # columns: heads
+    (_FUSION_IN + r"/bias$", P(MODEL)),
+    (_FUSION_OUT + r"/kernel$", P(MODEL, None)),  # rows; bias (D,) replicated
+    (_DYCONV + r"/kernel$", P(None, None, None, MODEL)),  # output channels
+    (_DYCONV + r"/bias$", P(MODEL)),
 )
 SHARDING_RULES = {"none": (), "megatron": MEGATRON_RULES}
 
 
-def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
-  """A ('data', 'model') mesh over the first `num_devices` devices (0: all of them)."""
-  # Grouped by process (stable: one process keeps JAX's order), so that process p's devices
-  # hold the p-th block of the global batch, the rows its input pipeline reads.
-  devices = sorted(jax.devices(), key=lambda d: d.process_index)
+def mesh_devices(devices, num_devices: int, model_parallel: int) -> list:
+  """The devices of a ('data', 'model') mesh, grouped by process (stable: one process keeps JAX's
+  order), so that process p's devices hold the p-th block of the global batch, the rows its input
+  pipeline reads: `num_devices` of `devices` (0: all), the same number from every process."""
+  by_process = {}
+  for device in devices:
+    by_process.setdefault(device.process_index, []).append(device)
+  num_processes, total = len(by_process), len(devices)
+  per_process = min(len(group) for group in by_process.values())
   if num_devices:
-    if num_devices > len(devices):
-      raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices exist.")
-    devices = devices[:num_devices]
-  if len(devices) % model_parallel:
-    raise ValueError(f"mesh.model={model_parallel} does not divide {len(devices)} devices.")
+    if num_devices > total:
+      raise ValueError(f"mesh.num_devices={num_devices} but only {total} devices exist.")
+    if num_devices % num_processes:
+      raise ValueError(f"mesh.num_devices={num_devices} is not a multiple of the {num_processes} "
+                       f"processes, which each give the same number of devices; pick a multiple "
+                       f"of {num_processes}.")
+    per_process = num_devices // num_processes
+  elif any(len(group) != per_process for group in by_process.values()):
+    raise ValueError(f"The processes have different device counts "
+                     f"{[len(by_process[p]) for p in sorted(by_process)]}; set mesh.num_devices.")
+  if per_process % model_parallel:
+    raise ValueError(f"mesh.model={model_parallel} does not divide the {per_process} devices that "
+                     f"each of the {num_processes} processes gives the mesh "
+                     f"({per_process * num_processes} devices): a model-axis row must lie within "
+                     f"one process, which feeds it its rows of the batch.")
+  return [device for process in sorted(by_process) for device in by_process[process][:per_process]]
+
+
+def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
+  """A ('data', 'model') mesh over `num_devices` devices (0: all of them), taken evenly from every
+  process (`mesh_devices`)."""
+  devices = mesh_devices(jax.devices(), num_devices, model_parallel)
   grid = np.asarray(devices).reshape(len(devices) // model_parallel, model_parallel)
   return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 

@@ -1,14 +1,24 @@
 """Megatron-style 'model'-axis sharding: data x model meshes on 8 CPU devices give the 1-device
 losses of a ViT method (VPT) and a CLIP method (CoOp), the transformer matmuls really split; a model
 axis that does not divide a sharded dimension is refused before training; Swin and BERT (slow) give
-their 1-device outputs."""
+their 1-device outputs; GLIP's fusion tower splits on GLIP-L's real param shapes (from
+`jax.eval_shape`), and a tiny GLIP trains to the 1-device losses (slow); the mesh takes the same
+number of devices from every process."""
 from __future__ import annotations
 
 import json
+import math
+import re
+import types
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractMesh, AxisType
 
 from conftest import run_on_cpu_devices  # pylint: disable=import-error
+from jaxprompt import sharding
+from jaxprompt.models.glip import detector
 
 SCRIPT = r"""
 import json
@@ -77,6 +87,18 @@ print("RESULT" + json.dumps(result))
 """
 
 
+def assert_split(specs: dict, expected: dict, model: int, context) -> None:
+  """`specs` (name -> [spec, shape, device 0's shard shape]) has exactly the `expected` names, each
+  with its spec and a shard of 1/model of the dimension named there (None: the whole array)."""
+  assert set(specs) == set(expected), (context, sorted(specs))
+  for name, (spec, dim) in expected.items():
+    got, shape, shard_shape = specs[name]
+    assert got == f"P({spec})", (context, name, got)
+    if dim is not None:
+      shape[dim] //= model
+    assert shard_shape == shape, (context, name, shard_shape, shape)
+
+
 def test_data_by_model_meshes_match_single_device_and_split_the_matmuls():
   result = json.loads(run_on_cpu_devices(SCRIPT, 8, timeout=600).split("RESULT")[-1])
   for method in ("vpt", "coop"):
@@ -98,13 +120,7 @@ def test_data_by_model_meshes_match_single_device_and_split_the_matmuls():
           "mlp/c_proj/kernel": ("'model', None", 0),
           "ctx": ("", None),
       }
-      assert set(specs) == set(expected), (method, sorted(specs))
-      for name, (spec, dim) in expected.items():
-        got, shape, shard_shape = specs[name]
-        assert got == f"P({spec})", (method, mesh, name, got)
-        if dim is not None:
-          shape[dim] //= model
-        assert shard_shape == shape, (method, mesh, name, shard_shape, shape)
+      assert_split(specs, expected, model, (method, mesh))
     # Device 0 holds less of the params the larger the model axis.
     assert result[f"{method}_2x4"][2] < result[f"{method}_4x2"][2] < single_bytes, method
   bad = result["bad_divisor"]  # 4 heads on a model axis of 8
@@ -172,3 +188,139 @@ def test_swin_and_bert_rules_keep_the_outputs():
       error, watched = result[f"{name}_{mesh}"]
       assert error <= 1e-5, (name, mesh, error)
       assert watched == specs, (name, mesh, watched)
+
+
+def test_glip_l_rules_split_the_fusion_tower_and_name_a_model_axis_too_large():
+  """On GLIP-L's param shapes (Swin-L, bert-base, 8 fusion layers; `jax.eval_shape`, nothing run):
+  every fusion projection, in-head BERT matmul and DyConv conv is split on the model axis, the
+  head's replicated rest is under 2 % of it, and a model axis of 8 is refused (12 BERT heads)."""
+  model = detector.Model(num_classes=80, size="L")
+  text = jnp.zeros((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                                             text, text))["params"]
+  assert detector.decode_size("L")["backbone"] == "L"
+  mesh = lambda size: AbstractMesh((8 // size, size), (sharding.DATA, sharding.MODEL),
+                                   axis_types=(AxisType.Auto, AxisType.Auto))
+  for size in (2, 4):
+    shardings = sharding.tree_shardings(shapes, mesh(size), "replicate", sharding.MEGATRON_RULES)
+    specs = {sharding.path_name(path): (tuple(s.spec), x.shape) for (path, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(shardings))}
+    expected = {  # GLIP-L's 8th fusion layer (tower blocks 21, 22, 23)
+        "b_attn/attn/v_proj/kernel": ((None, "model"), (256, 2048)),
+        "b_attn/attn/l_proj/kernel": ((None, "model"), (768, 2048)),
+        "b_attn/attn/values_v_proj/bias": (("model",), (2048,)),
+        "b_attn/attn/values_l_proj/kernel": ((None, "model"), (768, 2048)),
+        "b_attn/attn/out_v_proj/kernel": (("model", None), (2048, 256)),
+        "b_attn/attn/out_l_proj/kernel": (("model", None), (2048, 768)),
+        "b_attn/attn/out_l_proj/bias": ((), (768,)),
+        "attention/query/kernel": ((None, "model", None), (768, 12, 64)),
+        "attention/out/kernel": (("model", None, None), (12, 64, 768)),
+        "intermediate/kernel": ((None, "model"), (768, 3072)),
+        "output/kernel": (("model", None), (3072, 768)),
+        "DyConv_2/conv/kernel": ((None, None, None, "model"), (3, 3, 256, 256)),
+        "DyConv_2/conv/bias": (("model",), (256,)),
+        "offset/kernel": ((), (3, 3, 256, 27)),
+    }
+    for suffix, spec_and_shape in expected.items():
+      block = 21 + (suffix.startswith(("attention", "intermediate", "output"))
+                    + 2 * suffix.startswith(("DyConv", "offset")))
+      assert specs[f"head/dyhead_tower_{block}/{suffix}"] == spec_and_shape, (size, suffix)
+    assert specs["backbone/body/layers_3/blocks_1/attn/qkv/kernel"][0] == (None, "model")
+    assert specs["language_backbone/encoder/layer_11/intermediate/kernel"][0] == (None, "model")
+    # All 8 layers' matmuls and convs, and nothing of the prediction heads.
+    split = re.compile(r"b_attn/attn/\w+/kernel|/(attention/\w+|intermediate|output|DyConv_\d/conv)"
+                       r"/kernel")
+    tower = {n: spec for n, (spec, _) in specs.items() if n.startswith("head/dyhead_tower_")}
+    assert sum(1 for n in tower if split.search(n)) == 8 * (6 + 6 + 3)
+    assert all(spec for n, spec in tower.items() if split.search(n))
+    assert not any(spec for n, (spec, _) in specs.items() if n.startswith("head/heads/"))
+    replicated = sum(math.prod(shape) for n, (spec, shape) in specs.items()
+                     if n.startswith("head/") and not spec)
+    head = sum(math.prod(shape) for n, (_, shape) in specs.items() if n.startswith("head/"))
+    assert replicated < 0.02 * head, (replicated, head)
+  with pytest.raises(ValueError, match=r"head/dyhead_tower_1/attention/key/bias of shape \(12, "
+                                       r"64\).*'model' axis of size 8"):
+    sharding.tree_shardings(shapes, mesh(8), "replicate", sharding.MEGATRON_RULES)
+
+
+GLIP_SCRIPT = r"""
+import json
+
+import jax
+from configs import glip_coco
+from conftest import run_steps
+from jaxprompt import sharding, train
+from jaxprompt.models import bert, swin
+from jaxprompt.models.glip import backbone, detector
+
+# Test-only GLIP: the 'tiny' layout with one block per Swin stage, one fusion layer and 4 heads
+# in the fusion and both BERTs, so that a model axis of 2 or 4 splits them by head.
+swin.SIZES["q"] = (16, (1, 1, 1, 1), (1, 2, 4, 8))
+backbone.VARIANTS["q"] = dict(backbone.VARIANTS["tiny"], swin_variant="q")
+bert.SIZES["q"] = (1, 32, 4, 64, 64, 100)
+detector.SIZES["q"] = dict(detector.SIZES["tiny"], backbone="q", text="q", layers=1,
+                           fusion_heads=4)
+WATCHED = ("b_attn/attn/v_proj/kernel", "b_attn/attn/values_l_proj/bias",
+           "b_attn/attn/out_v_proj/kernel", "dyhead_tower_1/attention/query/kernel",
+           "dyhead_tower_1/output/kernel", "DyConv_1/conv/kernel", "heads/bbox_pred/kernel")
+
+def run(num_devices, model):
+  config = glip_coco.get_config("runlocal")
+  config.model.size = "q"
+  config.pp.train, config.pp.eval = glip_coco.detection_pp(64, 64, 64, 8, size_divisible=0)
+  config.batch_size = config.eval_batch_size = 4
+  config.mesh.num_devices, config.mesh.model = num_devices, model
+  config.sharding_rules = "megatron" if model > 1 else "none"
+  state, losses = run_steps(train.build(config), 2)
+  specs = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+    name = sharding.path_name(path)
+    for suffix in WATCHED:
+      if name.endswith(suffix):
+        specs[suffix] = [str(x.sharding.spec), list(x.shape),
+                         list(x.addressable_shards[0].data.shape)]
+  return losses, specs
+
+print("RESULT" + json.dumps({mesh: run(n, m) for mesh, n, m in
+                             (("1x1", 1, 1), ("2x4", 8, 4), ("4x2", 8, 2))}))
+"""
+
+
+@pytest.mark.slow
+def test_glip_data_by_model_meshes_match_single_device():
+  """A tiny GLIP fine-tuned 2 steps (three train-step compiles of the whole detector, about 4 CPU
+  minutes): the 1-device losses on 2x4 and 4x2, fusion, in-head BERT and DyConv really split."""
+  result = json.loads(run_on_cpu_devices(GLIP_SCRIPT, 8, timeout=900).split("RESULT")[-1])
+  single, _ = result["1x1"]
+  expected = {  # name -> (spec, the dimension that each device holds 1/model of)
+      "b_attn/attn/v_proj/kernel": ("None, 'model'", 1),
+      "b_attn/attn/values_l_proj/bias": ("'model',", 0),
+      "b_attn/attn/out_v_proj/kernel": ("'model', None", 0),
+      "dyhead_tower_1/attention/query/kernel": ("None, 'model', None", 1),
+      "dyhead_tower_1/output/kernel": ("'model', None", 0),
+      "DyConv_1/conv/kernel": ("None, None, None, 'model'", 3),
+      "heads/bbox_pred/kernel": ("", None),
+  }
+  for mesh, model in (("2x4", 4), ("4x2", 2)):
+    losses, specs = result[mesh]
+    assert max(abs(a - b) for a, b in zip(single, losses)) <= 1e-5, (mesh, single, losses)
+    assert_split(specs, expected, model, mesh)
+
+
+def test_the_mesh_takes_the_same_devices_from_every_process():
+  """`mesh_devices` on two processes' devices listed interleaved (as jax.devices() may)."""
+  devices = [types.SimpleNamespace(id=i, process_index=i % 2) for i in range(8)]
+  ids = lambda n, model=1: [d.id for d in sharding.mesh_devices(devices, n, model)]
+  assert ids(0) == [0, 2, 4, 6, 1, 3, 5, 7]  # process 0's devices first, each in JAX's order
+  assert ids(4) == [0, 2, 1, 3]  # two from each process, not process 0's first four
+  assert ids(4, 2) == [0, 2, 1, 3]
+  with pytest.raises(ValueError, match="num_devices=3 is not a multiple of the 2 processes"):
+    ids(3)
+  with pytest.raises(ValueError, match="num_devices=10 but only 8 devices exist"):
+    ids(10)
+  with pytest.raises(ValueError, match="mesh.model=4 does not divide the 2 devices that each of "
+                                       "the 2 processes"):
+    ids(4, 4)
+  with pytest.raises(ValueError, match=r"different device counts \[4, 3\]"):
+    sharding.mesh_devices(devices[:7], 0, 1)
+  assert [d.id for d in sharding.mesh_devices(devices[:7], 6, 1)] == [0, 2, 4, 1, 3, 5]

@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices (jax.distributed, gloo) give the one-device run: the same global
-batches, losses, evaluation metrics and checkpoints, which either topology restores; processes
+batches, losses, evaluation metrics and checkpoints, which either topology restores, also for
+SA2VP's two streams; a mesh of fewer devices takes them evenly from both processes; processes
 that cannot join stop with a clear error (`sharding.join_processes`)."""
 import json
 import os
@@ -31,7 +32,8 @@ CONFIGS = {  # job -> (config module, overrides); a run uses all of this topolog
     "vpt_fsdp": (vpt_vtab, {"model.variant": "Ti/8", "param_sharding": "fsdp", "optim.lr": 0.02}),
     "coop": (coop, {}),
     "coop_fsdp": (coop, {"param_sharding": "fsdp"}),
-    "sa2vp": (sa2vp_vtab, {}),
+    # The demo's two-block mu/4 ViT (the prompt stream meets the image stream in block 1).
+    "sa2vp": (sa2vp_vtab, {"eval_batch_size": 500}),
 }
 
 def configured(job):
@@ -69,6 +71,9 @@ def run(workdir):
   return train.train_and_evaluate(config, os.path.join(workroot, workdir))
 
 result = {}
+if jax.process_count() > 1:  # the processes that give a 4-device and a 2 x 2 mesh's devices
+  result["mesh_processes"] = [[d.process_index for d in sharding.make_mesh(4, model).devices.flat]
+                              for model in (1, 2)]
 for job in jobs:
   if job == "run":
     result[job] = run("run")
@@ -147,7 +152,7 @@ def _assert_close(a, b, name):
 
 
 def test_two_processes_match_one_device_and_share_checkpoints(tmp_path):
-  single, pair = _compare_topologies(tmp_path, ["run", "coop_fsdp"])
+  single, pair = _compare_topologies(tmp_path, ["run", "coop_fsdp", "sa2vp"])
   # The same global batches in the same order, not only the same loss.
   assert single["coop_fsdp"]["labels"] == pair["coop_fsdp"]["labels"]
   assert pair["coop_fsdp"]["data_sharded"]  # FSDP really splits params (CLIP's token table)
@@ -158,11 +163,13 @@ def test_two_processes_match_one_device_and_share_checkpoints(tmp_path):
   with open(tmp_path / "pair" / "run" / "metrics.json") as f:
     _assert_close(json.load(f), single["run"], "metrics.json")
   _assert_close(pair["resume"], single["run"], "resumed")
+  assert single["sa2vp"]["evals"]["test/examples"] == 1000
+  assert pair["mesh_processes"] == [[0, 0, 1, 1], [0, 0, 1, 1]]  # not process 0's 4 devices
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_device_for_coop_and_sa2vp(tmp_path):
-  _compare_topologies(tmp_path, ["vpt_fsdp", "coop", "sa2vp"])
+def test_two_processes_match_one_device_for_vpt_fsdp_and_coop(tmp_path):
+  _compare_topologies(tmp_path, ["vpt_fsdp", "coop"])
 
 
 def test_processes_that_cannot_join_stop_with_a_clear_error():

@@ -25,6 +25,26 @@ from jaxprompt.evaluators import caption_metrics, common
 NUM_BEAMS, MAX_NEW_TOKENS = 5, 50  # RLCF predictions.py / generate_opt.py
 
 
+def check_captioned(type_name: str, source, metrics: Optional[Sequence[str]],
+                    tokenizer: str) -> list[str]:
+  """What every captioning evaluator checks at build time: the PTB or simple `tokenizer`, a
+  source with image ids and references; returns the metric groups (`resolve_metrics`)."""
+  if tokenizer not in ("ptb", "simple"):
+    raise ValueError(f"tokenizer={tokenizer!r}: expected 'ptb' or 'simple'.")
+  missing = [f for f in ("image_ids", "references") if not hasattr(source, f)]
+  if missing:
+    raise ValueError(f"Data source {source.name!r} has no {missing}: the {type_name!r} evaluator "
+                     "needs a captioned source (image ids and reference captions).")
+  return caption_metrics.resolve_metrics(None if metrics is None else tuple(metrics))
+
+
+def scored_names(groups: Sequence[str]) -> tuple[str, ...]:
+  """The metric names `caption_metrics.score_captions` reports for metric `groups`."""
+  names = {"bleu": tuple(f"Bleu_{n}" for n in range(1, 5)), "meteor": ("METEOR",),
+           "rouge": ("ROUGE_L",), "cider": ("CIDEr",), "spice": ("SPICE",)}
+  return tuple(n for group in groups for n in names[group])
+
+
 @common.register("captioning")
 class CaptioningEvaluator(common.Evaluator):
   """COCO caption metrics of 5-beam captions on `split` (module docstring)."""
@@ -37,13 +57,7 @@ class CaptioningEvaluator(common.Evaluator):
     for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
-    if tokenizer not in ("ptb", "simple"):
-      raise ValueError(f"tokenizer={tokenizer!r}: expected 'ptb' or 'simple'.")
-    missing = [f for f in ("image_ids", "references") if not hasattr(ctx.source, f)]
-    if missing:
-      raise ValueError(f"Data source {ctx.source.name!r} has no {missing}: the captioning "
-                       "evaluator needs a captioned source (image ids and reference captions).")
-    self.metrics = caption_metrics.resolve_metrics(None if metrics is None else tuple(metrics))
+    self.metrics = check_captioned(self.TYPE, ctx.source, metrics, tokenizer)
     self.tokenizer = tokenizer
     self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
     self._caption_tokenizer = ctx.predict_fns["caption_tokenizer"]()
@@ -58,9 +72,7 @@ class CaptioningEvaluator(common.Evaluator):
     self._step = self.jit(step, key="step")
 
   def metric_names(self) -> tuple[str, ...]:
-    names = {"bleu": tuple(f"Bleu_{n}" for n in range(1, 5)), "meteor": ("METEOR",),
-             "rouge": ("ROUGE_L",), "cider": ("CIDEr",), "spice": ("SPICE",)}
-    return tuple(n for group in self.metrics for n in names[group]) + ("examples",)
+    return scored_names(self.metrics) + ("examples",)
 
   def captions(self, variables) -> list[str]:
     """The best beam's caption of every example of the split, in order."""

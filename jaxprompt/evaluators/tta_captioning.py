@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from jaxprompt.evaluators import caption_metrics, common
+from jaxprompt.evaluators import caption_metrics, captioning, common
 from jaxprompt.prompts import rlcf, rlcf_captioning, tpt
 
 
@@ -49,23 +49,15 @@ class TtaCaptioningEvaluator(common.Evaluator):
     for name, value in (("batched", batched), ("clip_scores", clip_scores)):
       if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r}: expected True or False.")
-    if tokenizer not in ("ptb", "simple"):
-      raise ValueError(f"tokenizer={tokenizer!r}: expected 'ptb' or 'simple'.")
-    missing = [f for f in ("image_ids", "references") if not hasattr(ctx.source, f)]
-    if missing:
-      raise ValueError(f"Data source {ctx.source.name!r} has no {missing}: the tta_captioning "
-                       "evaluator needs a captioned source (image ids and reference captions).")
-    self.metrics = caption_metrics.resolve_metrics(None if metrics is None else tuple(metrics))
+    self.metrics = captioning.check_captioned(self.TYPE, ctx.source, metrics, tokenizer)
     self.tokenizer, self.batched, self.clip_scores = tokenizer, batched, clip_scores
     self._adapter = rlcf_captioning.Adapter(
         ctx.predict_fns["rlcf_captioner"](), settings,
         ctx.predict_fns["caption_tokenizer"](), ctx.predict_fns["reward_tokenizers"]())
 
   def _scored_names(self) -> tuple[str, ...]:
-    names = {"bleu": tuple(f"Bleu_{n}" for n in range(1, 5)), "meteor": ("METEOR",),
-             "rouge": ("ROUGE_L",), "cider": ("CIDEr",), "spice": ("SPICE",)}
-    scored = tuple(n for group in self.metrics for n in names[group])
-    return scored + (("CLIP-S", "RefCLIP-S") if self.clip_scores else ())
+    return captioning.scored_names(self.metrics) + (
+        ("CLIP-S", "RefCLIP-S") if self.clip_scores else ())
 
   def metric_names(self) -> tuple[str, ...]:
     scored = self._scored_names()

@@ -13,7 +13,7 @@ import ml_collections
 from configs import clipcap_coco, common
 from configs import rlcf_captioning as rlcf_captioning_config
 from input_pipeline import embedded_captions, embedded_clip, preprocess
-from jaxprompt import evaluators, sharding
+from jaxprompt import checkpointing, evaluators, sharding
 from jaxprompt.evaluators import caption_metrics
 from jaxprompt.prompts import rlcf, rlcf_captioning, tpt
 
@@ -147,6 +147,31 @@ def test_a_step_lowers_the_rewarded_loss_of_its_own_samples(tiny):
     np.testing.assert_allclose(objective(episodes.mapper), record["losses"][b], rtol=1e-4,
                                atol=1e-7)
     assert objective(updated.mapper) < objective(episodes.mapper)
+
+
+def test_the_captioner_part_loads_the_mapper_of_a_clipcap_run(tiny, tmp_path):
+  """`config.model_init.captioner=WORKDIR` reads the newest checkpoint of a ClipCap / CapDec run
+  of this library and replaces params['mapper'] only; a run without a mapper, or a mapper of
+  other shapes, is refused naming the path."""
+  _, _, variables, _, _ = tiny
+  trained = jax.tree.map(lambda x: np.asarray(x) + 1.0, variables["params"]["mapper"])
+
+  def run_with(name, params):
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / name / "checkpoints"), keep=1)
+    checkpointer.save(5, {"params": params, "step": np.int32(5)})
+    checkpointer.wait()
+    return str(tmp_path / name)
+
+  loaded = rlcf_captioning.load_captioner(variables, run_with("clipcap", {"mapper": trained}))
+  for got, want in zip(jax.tree.leaves(loaded["params"]["mapper"]), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(got, want)
+  for part in ("clip", "opt", "reward_0"):
+    assert loaded["params"][part] is variables["params"][part]
+  with pytest.raises(ValueError, match="no trained 'mapper'"):
+    rlcf_captioning.load_captioner(variables, run_with("coop", {"prompt_learner": np.zeros(3)}))
+  narrow = jax.tree.map(lambda x: x[..., :1], trained)
+  with pytest.raises(ValueError, match="narrow"):
+    rlcf_captioning.load_captioner(variables, run_with("narrow", {"mapper": narrow}))
 
 
 def test_settings_are_checked():

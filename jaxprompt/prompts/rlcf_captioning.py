@@ -415,7 +415,7 @@ def load_captioner(variables, path: str):
                      f"prompts.clipcap run.")
   params = variables["params"]
   return {**variables, "params": {
-      **params, "mapper": models.common.merge_params(params["mapper"], trained["mapper"],
+      **params, "mapper": models.common.merge_params(trained["mapper"], params["mapper"],
                                                      source=path)}}
 
 

@@ -2,8 +2,9 @@
 losses of a ViT method (VPT) and a CLIP method (CoOp), the transformer matmuls really split; a model
 axis that does not divide a sharded dimension is refused before training; Swin and BERT (slow) give
 their 1-device outputs; GLIP's fusion tower splits on GLIP-L's real param shapes (from
-`jax.eval_shape`), and a tiny GLIP trains to the 1-device losses (slow); the mesh takes the same
-number of devices from every process."""
+`jax.eval_shape`), one layer of its tower gives the 1-device loss and gradients, and a tiny GLIP
+trains to the 1-device losses (slow); the mesh takes the same number of devices from every
+process."""
 from __future__ import annotations
 
 import json
@@ -305,6 +306,99 @@ def test_glip_data_by_model_meshes_match_single_device():
     losses, specs = result[mesh]
     assert max(abs(a - b) for a, b in zip(single, losses)) <= 1e-5, (mesh, single, losses)
     assert_split(specs, expected, model, mesh)
+
+
+GLIP_TOWER_SCRIPT = r"""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxprompt import sharding
+from jaxprompt.models.glip import dyconv, fusion
+
+class Tower(nn.Module):
+  # One layer of GLIP's VL-DyHead tower under detector.VLDyHead's names: VLFuse (8 heads of 4),
+  # the in-head BERT layer (4 heads of 8), DyConv (deformable) on 2 pyramid levels.
+  @nn.compact
+  def __call__(self, levels, hidden, text_mask):
+    levels, hidden = fusion.BiAttentionBlock(16, 32, 32, 8, init_values=0.5,
+                                             name="dyhead_tower_0")(levels, hidden, text_mask)
+    hidden = fusion.ClampedBertLayer(64, 4, name="dyhead_tower_1")(hidden, text_mask)
+    return dyconv.DyConv(16, gn_groups=4, name="dyhead_tower_2")(levels), hidden
+
+tower = Tower()
+rng = np.random.default_rng(0)
+inputs = ([rng.normal(size=(4, side, side, 16)).astype(np.float32) for side in (4, 2)],
+          rng.normal(size=(4, 6, 32)).astype(np.float32),
+          (np.arange(6) < np.array([[6], [4], [2], [5]])).astype(np.int32))
+# Random params of the init's shapes: no init compile, and no zero-initialised leaf.
+shapes = jax.eval_shape(tower.init, jax.random.PRNGKey(0), *inputs)["params"]
+params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+names = [sharding.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+def loss_and_grads(params, *inputs):
+  outputs = lambda params: jax.tree.leaves(tower.apply({"params": params}, *inputs))
+  return jax.value_and_grad(lambda params: sum(jnp.sum(y * y) for y in outputs(params)))(params)
+
+# LLVM's optimisations off: a third less CPU time; XLA partitions the program before they run.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+run = lambda *args: jax.jit(loss_and_grads).lower(*args).compile(FAST_COMPILE)(*args)
+single_loss, single_grads = jax.device_get(run(params, *inputs))  # numpy: no eager ops
+result = {}
+for data, model in ((2, 4), (4, 2)):
+  mesh = sharding.make_mesh(8, model)
+  placed = jax.device_put(params, sharding.tree_shardings(params, mesh, "replicate",
+                                                          sharding.MEGATRON_RULES))
+  loss, grads = run(placed, *jax.device_put(inputs, NamedSharding(mesh, P(sharding.DATA))))
+  result[f"{data}x{model}"] = dict(
+      loss=[float(single_loss), float(loss)],
+      grads={name: [float(np.max(np.abs(a - b))), float(np.max(np.abs(a)))] for name, a, b in
+             zip(names, jax.tree.leaves(single_grads), jax.tree.leaves(jax.device_get(grads)))},
+      specs={name: [str(x.sharding.spec), list(x.shape), list(x.addressable_shards[0].data.shape)]
+             for name, x in zip(names, jax.tree.leaves(placed))})
+print("RESULT" + json.dumps(result))
+"""
+
+
+def test_glip_tower_rules_keep_the_loss_and_gradients():
+  """One layer of GLIP's VL-DyHead tower at tiny widths (VLFuse, the in-head BERT layer, the
+  deformable DyConv; the whole detector is the slow test above): with its params split by
+  MEGATRON_RULES on 2x4 and 4x2 meshes and the batch over 'data', one jitted forward and backward
+  gives the 1-device loss and every param's gradient to 1e-5 relative, and exactly the fusion
+  projections, the BERT matmuls and the DyConv convs are split on 'model'."""
+  result = json.loads(run_on_cpu_devices(GLIP_TOWER_SCRIPT, 8).split("RESULT")[-1])
+  split = {  # name -> (spec, the dimension that each device holds 1/model of); the rest replicated
+      **{f"dyhead_tower_0/b_attn/attn/{proj}/{param}": spec
+         for proj in ("v_proj", "l_proj", "values_v_proj", "values_l_proj")
+         for param, spec in (("kernel", ("None, 'model'", 1)), ("bias", ("'model',", 0)))},
+      **{f"dyhead_tower_0/b_attn/attn/{proj}/kernel": ("'model', None", 0)
+         for proj in ("out_v_proj", "out_l_proj")},
+      **{f"dyhead_tower_1/attention/{proj}/{param}": spec
+         for proj in ("query", "key", "value") for param, spec in (
+             ("kernel", ("None, 'model', None", 1)), ("bias", ("'model', None", 0)))},
+      "dyhead_tower_1/attention/out/kernel": ("'model', None, None", 0),
+      "dyhead_tower_1/intermediate/kernel": ("None, 'model'", 1),
+      "dyhead_tower_1/intermediate/bias": ("'model',", 0),
+      "dyhead_tower_1/output/kernel": ("'model', None", 0),
+      **{f"dyhead_tower_2/DyConv_{k}/conv/{param}": spec for k in range(3) for param, spec in (
+          ("kernel", ("None, None, None, 'model'", 3)), ("bias", ("'model',", 0)))},
+  }
+  for mesh, model in (("2x4", 4), ("4x2", 2)):
+    single, loss = result[mesh]["loss"]
+    assert abs(loss - single) <= 1e-5 * abs(single), (mesh, single, loss)
+    grads = result[mesh]["grads"]
+    for name, (error, scale) in grads.items():
+      if name.endswith("attention/key/bias"):
+        # Its exact gradient is 0 (a softmax ignores a shift shared by all of a query's scores):
+        # only rounding, measured at the scale of the key kernel's gradient.
+        scale = grads[name.replace("bias", "kernel")][1]
+      assert scale > 0 and error <= 1e-5 * scale, (mesh, name, error, scale)
+    specs = result[mesh]["specs"]
+    assert set(split) <= set(specs), (mesh, sorted(set(split) - set(specs)))
+    assert_split(specs, {name: split.get(name, ("", None)) for name in specs}, model, mesh)
 
 
 def test_the_mesh_takes_the_same_devices_from_every_process():

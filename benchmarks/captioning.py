@@ -39,6 +39,24 @@ What is timed (`common.time_step`: one compile, warm-up calls, the median of the
     caption loss, backward to the mapper, AdamW (lr 2e-5 schedule) on the mapper alone; a
     synthetic batch at the recipe's batch 40. XLA's FLOPs of the compiled step (the frozen
     towers' weight gradients are not computed, so not counted).
+  * rlcf_tta: RLCF's captioning test-time adaptation, `rlcf_captioning.Adapter.adapt` as the
+    'tta_captioning' evaluator runs it, whole: the policy and reward image features, the
+    zero-shot 5-beam caption, S = 4 steps of (K = 10 beams of a 10-beam search, decoded on the
+    host, re-tokenised by OPT's and the reward CLIP's tokenizers, then the reward and the vmapped
+    AdamW update of the mapper copies, lr 2e-6: ClipCap's script setting) and the final 5-beam
+    caption; the captioner above plus a random reward CLIP ViT-L/14 (`rlcf_captioning.Model`).
+    Timed one image at a time (b1, batched=False) and batched (batched=True, b4): the first call
+    compiles (several jitted functions, and the update once per padded caption width), so its
+    excess over the median of the later calls is given as the compile time. Device vs host: the
+    Adapter's jitted functions are wrapped (`DeviceClock`) to wait for and time each call; the
+    rest of the wall time is the host's (decoding, tokenisation, numpy). A random OPT almost
+    never emits the newline EOS, so every sample and caption runs to max_new_tokens (RLCF's
+    worst case; COCO-style captions are about a dozen tokens), and its ids cover the whole
+    vocabulary, so the captions are decoded with `wide_vocabulary()`, a generated vocabulary of
+    ~50,000 ids (the demo's 357 would decode nearly every sample to '' and shrink the update to
+    a few positions); the re-tokenised widths (printed) are then max_new_tokens + 1 or a little
+    more, as with real text. No FLOPs, MFU or XLA memory: the time spans several jitted calls
+    (loops XLA counts once) and host work.
   MFU: XLA FLOPs over the median time against the float32 matmul peak measured in the same run,
   before and after the measurements (the larger; `common.matmul_peak_flops`, --matmul_size, a
   flag of benchmarks/train_step.py's, imported as tta.py does). Memory: XLA's arguments +
@@ -47,12 +65,12 @@ What is timed (`common.time_step`: one compile, warm-up calls, the median of the
 
 A measurement is a function (captioner, settings) -> rows, registered in MEASUREMENTS and chosen
 with --measure; each row is `benchmarks/run_all.py`'s row dict, so run_all's 'clipcap' row prints
-them (at --size=reduced). RLCF captioning TTA images/s (batch 1 vs batched) is to be the third,
-'rlcf_tta', on the same captioner.
+them (at --size=reduced).
 
-Sizes (--size): 'paper' as above (beam search at b1 and b8, train at b40); 'reduced' (run_all:
-about 2 min on 2 CPU cores) keeps the model and 5 beams but decodes 10 new tokens at b1 and
-trains at b8.
+Sizes (--size): 'paper' as above (beam search at b1 and b8, train at b40, RLCF at b1 and b4);
+'reduced' (run_all: about 4 min on 2 CPU cores) keeps the model and 5 beams but decodes 10 new
+tokens at b1, trains at b8, and adapts with K 2, one step, 4 new tokens, the reward ViT-B/16 and
+b2 (mostly the RLCF functions' compile).
 
 Measured (2026-12-01, 2 shared CPU cores): the README's Performance section.
 """
@@ -112,8 +130,8 @@ SIZES = {
                       tta_max_new_tokens=rlcf_captioning.MAX_NEW_TOKENS, tta_reward="ViT-L/14",
                       tta_timed_calls=1),
     "reduced": Settings(beam_batch_sizes=(1,), num_beams=5, max_new_tokens=10, no_cache=True,
-                        train_batch_size=8, steps=2, warmup=1, tta_batch_size=2, tta_samples=10,
-                        tta_steps=rlcf_captioning.STEPS, tta_max_new_tokens=4,
+                        train_batch_size=8, steps=2, warmup=1, tta_batch_size=2, tta_samples=2,
+                        tta_steps=1, tta_max_new_tokens=4,
                         tta_reward="ViT-B/16", tta_timed_calls=1),
 }
 
@@ -303,11 +321,11 @@ def measure_train_step(captioner: Captioner, settings: Settings) -> list[dict]:
 
 def wide_vocabulary(vocab_size: int) -> str:
   """An OPT tokenizer folder (written on first use) whose ids cover nearly all of `vocab_size`
-  (OPT-125m's 50,272): the 256 byte symbols (the newline one token, the EOS), every two- and three-letter
-  lower-case word and as many four-letter ones as fit, each with and without its leading space.
-  A random OPT's samples then decode to text and re-tokenise to about as many ids as were sampled,
-  as a trained captioner's do (the demo's vocabulary knows 357 ids: nearly every sample would
-  decode to '')."""
+  (OPT-125m's 50,272): the 256 byte symbols (the newline one token, the EOS), every three-letter
+  lower-case word and as many four-letter ones as fit, each with and without its leading space
+  (and the two-letter pieces their merges make). A random OPT's samples then decode to text and
+  re-tokenise to about as many ids as were sampled, as a trained captioner's do (the demo's
+  vocabulary knows 357 ids: nearly every sample would decode to '')."""
   folder = os.path.join(tempfile.gettempdir(), f"jaxprompt-{os.getuid()}",
                         f"opt_wide_vocab_{vocab_size}")
   if not os.path.isfile(os.path.join(folder, gpt2_tokenizer.MERGES_FILE)):
@@ -344,19 +362,21 @@ def rlcf_variables(captioner: Captioner, model: rlcf_captioning.Model) -> dict:
 
 class DeviceClock:
   """Wraps an `Adapter`'s jitted functions (embed, start, sample, update, caption) so that each
-  call is waited for and its wall time added to `seconds`: the adaptation's device time (with
-  dispatch); the rest of its wall time is the host's (decoding, both re-tokenisations, numpy)."""
+  call is waited for and its wall time added to `seconds[name]`: the adaptation's device time
+  (with dispatch); the rest of its wall time is the host's (decoding, both re-tokenisations,
+  numpy)."""
+  NAMES = ("embed", "start", "sample", "update", "caption")
 
   def __init__(self, adapter: rlcf_captioning.Adapter):
-    self.seconds = 0.0
-    for name in ("_embed", "_start", "_sample", "_update", "_caption"):
-      setattr(adapter, name, self._timed(getattr(adapter, name)))
+    self.seconds = dict.fromkeys(self.NAMES, 0.0)
+    for name in self.NAMES:
+      setattr(adapter, f"_{name}", self._timed(name, getattr(adapter, f"_{name}")))
 
-  def _timed(self, fn):
+  def _timed(self, name: str, fn):
     def call(*args):
       start = time.perf_counter()
       out = jax.block_until_ready(fn(*args))
-      self.seconds += time.perf_counter() - start
+      self.seconds[name] += time.perf_counter() - start
       return out
     return call
 
@@ -364,10 +384,9 @@ class DeviceClock:
 def tta_reductions(settings: Settings) -> str:
   """How settings' adaptation differs from the paper's ('' where it does not)."""
   paper = SIZES["paper"]
-  notes = [f"{getattr(settings, f)}{unit} (RLCF: {getattr(paper, f)})" for f, unit in (
-      ("tta_samples", " samples"), ("tta_steps", " steps"),
-      ("tta_max_new_tokens", " new tokens"), ("tta_reward", " reward"))
-      if getattr(settings, f) != getattr(paper, f)]
+  notes = [f"{label} {getattr(settings, f)} (RLCF: {getattr(paper, f)})" for f, label in (
+      ("tta_samples", "K"), ("tta_steps", "steps"), ("tta_max_new_tokens", "new tokens"),
+      ("tta_reward", "reward")) if getattr(settings, f) != getattr(paper, f)]
   return ", ".join(notes)
 
 
@@ -389,26 +408,29 @@ def measure_rlcf_tta(captioner: Captioner, settings: Settings) -> list[dict]:
                                       fns["caption_tokenizer"](), fns["reward_tokenizers"]())
     clock = DeviceClock(adapter)
     images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
-    times, device_times = [], []
+    times, parts = [], []
     for _ in range(1 + settings.tta_timed_calls):
-      clock.seconds = 0.0
+      clock.seconds = dict.fromkeys(clock.NAMES, 0.0)
       start = time.perf_counter()
       out = adapter.adapt(variables, images, batched=batched)
       times.append(time.perf_counter() - start)
-      device_times.append(clock.seconds)
-    seconds, device = float(np.median(times[1:])), float(np.median(device_times[1:]))
+      parts.append(clock.seconds)
+    seconds = float(np.median(times[1:]))
+    device = {n: float(np.median([p[n] for p in parts[1:]])) for n in clock.NAMES}
+    host = seconds - sum(device.values())
     widths = sorted({int(w) for step in out["steps"] for w in np.ravel(step["lengths"])})
     rows.append(dict(
         step=f"RLCF TTA adapt, {'batched' if batched else 'one at a time'}", unit="images",
         examples=batch, seconds=seconds, flops=None, compile_s=times[0] - seconds,
         xla_bytes=None,
-        size=f"b{batch}, K {settings.tta_samples}, {settings.tta_steps} steps, "
+        size=f"b{batch}, K {settings.tta_samples}, steps {settings.tta_steps}, "
              f"{settings.tta_max_new_tokens} new tokens, reward {settings.tta_reward}"))
+    shares = ", ".join(f"{n} {100 * t / seconds:.0f}%" for n, t in [*device.items(),
+                                                                    ("host", host)])
     print(f"[RLCF TTA b{batch}, batched={batched}] {seconds:.2f} s/call -> "
           f"{batch / seconds:.3f} images/s; first call {times[0]:.1f} s (compile ~"
-          f"{times[0] - seconds:.1f} s); device {100 * device / seconds:.0f}% / host "
-          f"{100 * (1 - device / seconds):.0f}% of the steady call; re-tokenised caption widths "
-          f"{widths}; {common.load_now()}", flush=True)
+          f"{times[0] - seconds:.1f} s); of the steady call: {shares}; re-tokenised caption "
+          f"widths {widths}; {common.load_now()}", flush=True)
   return rows
 
 

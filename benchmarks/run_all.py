@@ -22,7 +22,7 @@ Each method runs in its own subprocess (`--child=NAME`), so one that fails or ru
     `retrieval.sharded_top_k`, which compiles at each call: its time includes the compile and
     its FLOPs are the 2 Q N E of the scores, not XLA's); for ClipCap, benchmarks/captioning.py's
     measurements at its 'reduced' size (beam search with and without the KV cache, the mapper's
-    train step on a synthetic batch);
+    train step on a synthetic batch, RLCF captioning TTA one image at a time and batched);
   * pipeline: the config's train pp (TTA: its eval pp, the 64 views) through
     `pipeline.make_train_dataset` (TTA: the evaluator's batches) over the same data, batches of
     the step's size, examples/s over >= 32 examples (TTA: 8) after one warm-up batch, against

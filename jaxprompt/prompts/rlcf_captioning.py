@@ -241,7 +241,10 @@ class Captioner:
     """One image's loss (`rewarded_caption_loss`) for its mapper copy; embedding (E,), token_ids
     and token_mask (K, L')."""
     def logits_fn(m):
-      prefix = m.mapper(jnp.broadcast_to(embedding, (token_ids.shape[0], embedding.shape[-1])))
+      # The mapper runs once and its prefix serves the K captions; the original maps K copies
+      # of the embedding (`prefix.repeat(sample_k, 1)`): the same prefix and gradients.
+      prefix = m.mapper(embedding[None])
+      prefix = jnp.broadcast_to(prefix, (token_ids.shape[0], *prefix.shape[1:]))
       return m.caption_logits(prefix, token_ids, token_mask)
     logits = self.model.apply(self._with_mapper(frozen, mapper), method=logits_fn)
     return rewarded_caption_loss(logits, token_ids, length, rewards)

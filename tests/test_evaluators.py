@@ -297,8 +297,8 @@ def test_from_config_builds_names_periods_and_prefixed_metrics():
 @pytest.mark.parametrize("entry, fns, message", [
     ({"type": "topk", "split": "test"}, LINEAR_FNS,
      r"config.evals.bad: unknown evaluator type 'topk'; known types: \['captioning', "
-     r"'classification', 'detection', 'multilabel', 'retrieval', 'tta', 'tta_retrieval', "
-     r"'video_retrieval', 'zeroshot'\]"),
+     r"'classification', 'detection', 'multilabel', 'retrieval', 'tta', 'tta_captioning', "
+     r"'tta_retrieval', 'video_retrieval', 'zeroshot'\]"),
     ({"type": "classification", "split": "tset"}, LINEAR_FNS,
      r"config.evals.bad: Unknown split 'tset' for data source 'fake'; valid splits: train, test"),
     ({"type": "classification"}, LINEAR_FNS, r"needs a 'split'"),

@@ -9,11 +9,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colabs", "*.ipynb")))
-# Over a minute each on two CPU cores (they train a detector or a captioner, or pre-fit two CLIPs);
-# every step they run is covered by the default suite's own tests (test_glip_*, test_sdpt,
-# test_tta_*, test_clipcap, test_rlcf_captioning), so they run with `-m slow`, keeping the default
-# suite under its 30-minute budget.
-SLOW_NOTEBOOKS = ("captioning.ipynb", "glip_detection.ipynb", "sdpt.ipynb", "tta_rlcf.ipynb")
+# Over 25 s each on two CPU cores (they train a detector, a captioner, SA2VP or DGL, or pre-fit two
+# CLIPs); every step they run is covered by the default suite's own tests (test_glip_*, test_sdpt,
+# test_tta_*, test_clipcap, test_rlcf_captioning, test_sa2vp, test_dgl*), so they run with
+# `-m slow`, keeping the default suite under its 30-minute budget.
+SLOW_NOTEBOOKS = ("captioning.ipynb", "dgl_retrieval.ipynb", "glip_detection.ipynb",
+                  "sa2vp_walkthrough.ipynb", "sdpt.ipynb", "tta_rlcf.ipynb")
 
 
 def notebook_code(path: str) -> str:

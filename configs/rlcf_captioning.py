@@ -54,7 +54,7 @@ shifted: with the 'zoom_out' shift of the retrieval demo the adapted captions ca
 squares "small" while the references, written from the clean scene, say "medium" / "large", and
 CIDEr falls although CLIP-S rises (seed 42: CIDEr 3.45 -> 2.97, CLIP-S 0.35 -> 0.86).
 
-Measured (60 test images, 2 busy CPU cores, about 4 min wall of which the adaptation ~20 s):
+Measured (60 test images; 62 s wall on the idle 2-core CPU, about 4 min on a busy one):
 
   seed 42  CIDEr 3.74 -> 4.61  BLEU-4 0.596 -> 0.653  CLIP-S 1.09 -> 1.31  (reward top-1 0.45)
   seed 7   CIDEr 3.51 -> 2.79  BLEU-4 0.463 -> 0.401  CLIP-S 1.03 -> 1.05  (reward top-1 0.20)

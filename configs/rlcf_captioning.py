@@ -1,5 +1,5 @@
-"""RLCF test-time adaptation of a captioner (Zhao et al., ICLR 2024, §4.3): ClipCap or CapDec trained
-on COCO, adapted per test image on Flickr30K or NoCaps with a CLIP reward; see
+"""RLCF test-time adaptation of a captioner (Zhao et al., ICLR 2024, §4.3): ClipCap or CapDec
+trained on COCO, adapted per test image on Flickr30K or NoCaps with a CLIP reward; see
 jaxprompt/prompts/rlcf_captioning.py and jaxprompt/evaluators/tta_captioning.py.
 
   # Demo (no downloads): ClipCap's embedded demo (configs/clipcap_coco.py) pre-fit together with a

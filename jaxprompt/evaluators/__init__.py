@@ -10,5 +10,5 @@ from jaxprompt.evaluators import tta_retrieval  # 'tta_retrieval': RLCF image-te
 from jaxprompt.evaluators.common import EvalContext, Evaluator, eval_batches, from_config, run_all
 
 __all__ = ["EvalContext", "Evaluator", "captioning", "classification", "common", "detection",
-           "eval_batches", "from_config", "multilabel", "retrieval", "run_all", "tta", "tta_captioning",
-           "tta_retrieval", "video_retrieval", "zeroshot"]
+           "eval_batches", "from_config", "multilabel", "retrieval", "run_all", "tta",
+           "tta_captioning", "tta_retrieval", "video_retrieval", "zeroshot"]

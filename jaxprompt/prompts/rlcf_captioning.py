@@ -2,10 +2,10 @@
 test image adapts its own copy of a captioner's mapping network by REINFORCE with a frozen reward
 CLIP, then is captioned by the adapted captioner.
 
-Follows mzhaoshuai/RLCF `caption/capdec_tta.py` (`make_preds_policy_batch`), `caption/clip_reward.py`
-(`CLIPRewards.CLIPScore(pairwise=False)`, `rewards_post_process`, `extract_text_features`),
-`caption/image_llm/custom_models.py` (`CAP_TTA`: only `clip_project`, the mapper, trains and is
-reset after every image) and `caption/image_llm/models/generate_opt.py`, with the settings of
+Follows mzhaoshuai/RLCF `caption/capdec_tta.py` (`make_preds_policy_batch`),
+`caption/clip_reward.py` (`CLIPRewards.CLIPScore(pairwise=False)`, `rewards_post_process`,
+`extract_text_features`), `caption/image_llm/custom_models.py` (`CAP_TTA`: only `clip_project`,
+the mapper, trains and is reset after every image) and `caption/image_llm/models/generate_opt.py`, with the settings of
 `caption/scripts/tta_{clipcap,capdec}_{c2f,c2n}.sh`. The captioner is ClipCap or CapDec
 (`jaxprompt/prompts/clipcap.py`): frozen CLIP ViT-B/16 -> normalised image embedding -> mapper ->
 prefix -> frozen OPT-125m. Per test image, from the trained mapper and a fresh AdamW state:
@@ -212,7 +212,8 @@ class Captioner:
             max_new_tokens: int, eos_token_id: int):
     """Beam search after each row's prompt: dict(tokens (B, R, T), lengths (B, R), scores)."""
     decoder = opt.Model(self.model.opt_variant, self.model.opt_vocab_size, self.model.dtype)
-    return opt.generate_beams(decoder, frozen["params"]["opt"], self.prompts(mapper, frozen, embeddings),
+    prompts = self.prompts(mapper, frozen, embeddings)
+    return opt.generate_beams(decoder, frozen["params"]["opt"], prompts,
                               num_beams=num_beams, num_return_sequences=num_return,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
 

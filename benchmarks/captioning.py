@@ -98,7 +98,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 from configs import clipcap_coco  # noqa: E402
 from input_pipeline import embedded_captions, embedded_clip  # noqa: E402
-from jaxprompt import decoding, optim, sharding, train  # noqa: E402
+from jaxprompt import decoding, host_memory, optim, sharding, train  # noqa: E402
 from jaxprompt.models import clip, gpt2_tokenizer, opt  # noqa: E402
 from jaxprompt.prompts import clipcap, coop, rlcf_captioning  # noqa: E402
 
@@ -469,6 +469,8 @@ def settings_from_flags() -> Settings:
 
 
 def main(_):
+  if FLAGS.reuse_host_memory:  # as the trainer runs (jaxprompt/host_memory.py)
+    host_memory.reuse_freed_memory()
   settings = settings_from_flags()
   start = time.perf_counter()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "

@@ -104,7 +104,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 from configs import dgl_msrvtt  # noqa: E402
 from input_pipeline import embedded_clip, pipeline, video  # noqa: E402
-from jaxprompt import sharding, train  # noqa: E402
+from jaxprompt import host_memory, sharding, train  # noqa: E402
 from jaxprompt.models import clip  # noqa: E402
 from jaxprompt.prompts import dgl  # noqa: E402
 
@@ -324,6 +324,8 @@ def time_step(root: str, peak: float) -> dict:
 
 
 def main(_):
+  if FLAGS.reuse_host_memory:  # as the trainer runs (jaxprompt/host_memory.py)
+    host_memory.reuse_freed_memory()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"{os.cpu_count()} CPUs", flush=True)
   rows = []

@@ -64,7 +64,7 @@ from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 import input_pipeline  # noqa: E402
 from configs import glip_coco  # noqa: E402
 from input_pipeline import detection, embedded_detection, pipeline  # noqa: E402
-from jaxprompt import sharding, train  # noqa: E402
+from jaxprompt import host_memory, sharding, train  # noqa: E402
 from jaxprompt.models import bert  # noqa: E402
 from jaxprompt.models.glip import deform_conv, detector, dyconv, fusion, inference  # noqa: E402
 from jaxprompt.prompts import glip_finetune, sdpt  # noqa: E402
@@ -376,6 +376,8 @@ def top_costs(parts: dict, layers: int, step_seconds: Optional[float]):
 
 
 def main(_):
+  if FLAGS.reuse_host_memory:  # as the trainer runs (jaxprompt/host_memory.py)
+    host_memory.reuse_freed_memory()
   register_scenes(FLAGS.num_classes, FLAGS.text_len)
   rng = np.random.default_rng(0)
   peak = common.matmul_peak_flops(FLAGS.matmul_size, jnp.float32)

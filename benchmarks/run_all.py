@@ -466,6 +466,8 @@ def parse_args(argv=None):
 def main():
   args = parse_args()
   if args.child:
+    from jaxprompt import host_memory  # before the child's first JAX computation
+    host_memory.reuse_freed_memory()  # as the trainer runs
     result = run_child(args.child, args)
     print(PREFIX + json.dumps(result), flush=True)
   else:

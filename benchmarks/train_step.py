@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import common  # noqa: E402
-from jaxprompt import sharding, train  # noqa: E402
+from jaxprompt import host_memory, sharding, train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/vpt_vtab.py",
                                 "Config whose model, optimizer and mesh are benchmarked.")
@@ -40,10 +40,13 @@ flags.DEFINE_integer("batch_size", 8, "Global batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input size.")
 flags.DEFINE_integer("steps", 5, "Timed steps (after one compile-and-warm-up step).")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the peak.")
+flags.DEFINE_bool("reuse_host_memory", True, "As the trainer (`jaxprompt/host_memory.py`); "
+                  "--noreuse_host_memory times the step with glibc's default allocator.")
 FLAGS = flags.FLAGS
 
 
 def main(_):
+  reused = FLAGS.reuse_host_memory and host_memory.reuse_freed_memory()
   config = FLAGS.config
   config.batch_size = FLAGS.batch_size
   if FLAGS.variant:
@@ -81,6 +84,7 @@ def main(_):
   print(f"compile {timing.compile_s:.1f} s; XLA memory (arguments + temporaries + outputs): "
         f"{timing.xla_bytes / common.GIB:.2f} GiB; peak memory ({memory_kind}): "
         f"{memory / common.GIB:.2f} GiB")
+  print(f"freed host memory reused (jaxprompt/host_memory.py): {reused}")
   print(f"params on device 0 of the {dict(exp.mesh.shape)} mesh: {param_bytes / 2**20:.1f} MiB "
         f"(of {total_bytes / 2**20:.1f} MiB)")
 

@@ -106,7 +106,7 @@ sys.path.insert(0, REPO)
 from benchmarks import common as bench  # noqa: E402
 from benchmarks import train_step  # noqa: E402  (defines the shared flags)
 from input_pipeline import embedded_clip  # noqa: E402
-from jaxprompt import tta  # noqa: E402
+from jaxprompt import host_memory, tta  # noqa: E402
 from jaxprompt.models import clip, common  # noqa: E402
 from jaxprompt.prompts import coop, rlcf, tpt  # noqa: E402
 
@@ -427,6 +427,8 @@ def profile(method: str, episode, tunable0, frozen, views, policy, reward, views
 
 
 def main(_):
+  if FLAGS.reuse_host_memory:  # as the trainer runs (jaxprompt/host_memory.py)
+    host_memory.reuse_freed_memory()
   unknown = set(FLAGS.methods) - set(METHOD_SETTINGS) or set(FLAGS.parts) - {"torch", "jax",
                                                                               "profile"}
   if unknown:

@@ -46,6 +46,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
                                    "(with --coordinator_address).", lower_bound=0)
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for every process to join.", lower_bound=1)
+_REUSE_HOST_MEMORY = flags.DEFINE_bool(
+    "reuse_host_memory", True, "Keep freed host memory for reuse (glibc malloc settings, "
+    "jaxprompt/host_memory.py): on CPU, spares XLA's per-step temporaries their page faults.")
 
 
 def _quiet_library_info(record: logging.LogRecord) -> bool:
@@ -77,6 +80,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_quiet_library_info)
+  if _REUSE_HOST_MEMORY.value:  # before any JAX computation: see host_memory
+    from jaxprompt import host_memory
+    host_memory.reuse_freed_memory()
   # jax only after flag parsing, so that XLA_FLAGS and friends are already in place, and the
   # processes joined before any module can touch a backend
   from jaxprompt import sharding

@@ -1,25 +1,44 @@
-"""Times the original PyTorch SA2VP ViT-B/16 train step, the bar `benchmarks/train_step.py` is held to.
+"""Times the original PyTorch SA2VP train step (ViT-B/16 or Swin-B): the bar `train_step.py` meets.
 
-  python benchmarks/sa2vp_original.py --original_repo=/path/to/SA2VP [--variant=acc|reference]
+  python benchmarks/sa2vp_original.py --original_repo=/path/to/SA2VP [--backbone=vit|swin]
+      [--variant=acc|reference]
 
 Needs a checkout of tommy-xq/SA2VP (nothing of it ships with jaxprompt) and `pip install torch
-einops`. It imports the original's `vpt_main/src/models/vit_backbones/vit_tinypara_acc.py` (the
-variant the original README recommends for speed) or `vit_tinypara.py` (the reference), builds
-`VisionTransformer('sup_vitb16_imagenet21k', 224, num_classes)` with random weights, freezes what
-the original's SA2VP training freezes (everything but `ppt*`, `deep_*`, `cross_*` and `head`),
-and times the step its `engine_for_train.py` runs: train mode (the backbone's dropout live), forward,
-0.8 CE(image logits) + 0.2 CE(prompt logits), backward, AdamW. The original imports two modules it
-never uses on this path, `turtle` (needs Tk) and timm's `timm.models.layers` (pulls torchvision):
-when they are missing, stand-ins providing the three names it reads are installed first
-(`DropPath`, `to_2tuple`, `trunc_normal_`; DropPath is unused by the ViT file). MFU divides XLA's
-FLOP count of our step for the same model by the original's step time, so it compares speed
-on one yardstick; the matmul peak is PyTorch's sgemm measured here.
+einops`. Either backbone comes from the original's own module with random weights, has the
+trainable set below, and is timed on the step the original's `engine_for_train.py` runs:
+train mode (dropout and stochastic depth live), forward, 0.8 CE(image logits) + 0.2 CE(prompt
+logits), backward, AdamW on the trainables, in float32 (the engine's fp16 autocast and loss scaler
+are CUDA-only, and its gradient-norm readout is left out as negligible next to the step).
+
+  * `--backbone=vit` (the default): `vpt_main/src/models/vit_backbones/vit_tinypara_acc.py` (the
+    variant the original README recommends for speed) or `vit_tinypara.py` (`--variant=reference`),
+    built as `vit_train_sa2vp.py` builds it (`VisionTransformer('sup_vitb16_imagenet21k', 224,
+    num_classes=-1)` and one `class_head` on both CLS features), training what it trains
+    (`vit_trains`): 449,812 params at 100 classes, as ours.
+  * `--backbone=swin`: the `SwinTransformer` of `vpt_main/src/models/vit_backbones/
+    swin_transformer_tinypara.py`, built with the arguments `vpt_main/src/models/
+    build_swin_backbone.py` (`_build_swin_model`) gives 'swinb_imagenet22k_224': 224 px, embed 128,
+    depths 2-2-18-2, heads 4-8-16-32, window 7, stochastic depth 0.2, no head of its own (no
+    checkpoint is loaded, so its copy of the blocks' weights into the cross-attention is skipped:
+    those stay frozen either way). As `vit_train_swin.py` does, one Linear(1024, C) classifies both
+    pooled features, and only `patch_embed.deep_ppt`, `patch_embed.proj_ppt`, the `ffn` and
+    `ffn_norm` of the 18 cross blocks of stage 2 and that classifier train. `--variant` is ViT-only.
+
+The original imports modules it never uses on these paths; where one is missing, a stand-in
+providing the names it reads is installed first: `turtle` (needs Tk; the ViT files),
+`timm.models.layers` (pulls torchvision; `DropPath`, `to_2tuple`, `trunc_normal_`) and, for the
+Swin file's `src.utils.logging` (which opens log files through it), `iopath.common.file_io`. The
+ViT files never call DropPath, but the Swin applies it in all blocks but the first, so the stand-in
+drops whole samples' residual branches in training as timm's does: a no-op would make the original
+look faster. (`termcolor` and `simplejson`, also read by that logging module, come with jaxprompt's
+own dependencies.) MFU divides XLA's FLOP count of our step for the same model by the original's
+step time, so it compares speed on one yardstick; the matmul peak is PyTorch's sgemm measured here.
 
   python benchmarks/sa2vp_original.py --original_repo=/path/to/SA2VP --check_parity
 
-checks instead that prompts trained with the original load into ours and give its logits
-(`config.model_init = 'checkpoint-best.pth'`, `prompts.sa2vp.load_original`),
-for both variants: the ViT is built as the original's `vit_train_sa2vp.py` builds it (no head of
+checks instead (ViT only) that prompts trained with the original load into ours and give its
+logits (`config.model_init = 'checkpoint-best.pth'`, `prompts.sa2vp.load_original`), for both
+variants: the ViT is built as the original's `vit_train_sa2vp.py` builds it (no head of
 its own, one shared `class_head` beside it as `vit_base` / `class_head`), its backbone filled by the
 original's own `load_from` from a random Google-format ViT-B/16 dict (which also copies block i's
 LayerNorm_0 and attention into Cross_Block i, as training does), every trainable param moved off its
@@ -47,43 +66,71 @@ import numpy as np
 import torch
 
 
+class _DropPath(torch.nn.Module):
+  """Stochastic depth as timm's `DropPath` computes it: in training, each sample's branch is zeroed
+  with probability `drop_prob` and otherwise scaled by 1 / (1 - drop_prob)."""
+
+  def __init__(self, drop_prob: float = 0.0):
+    super().__init__()
+    self.drop_prob = drop_prob
+
+  def forward(self, x):
+    if not self.training or not self.drop_prob:
+      return x
+    keep = 1.0 - self.drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def _stand_in(name: str, **attrs) -> None:
+  """Makes `import name` give a module holding `attrs` (its parents empty) when it would fail."""
+  try:
+    importlib.import_module(name)
+  except ImportError:
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+      sys.modules.setdefault(".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+
+
 def _install_stand_ins() -> None:
-  try:
-    importlib.import_module("turtle")
-  except ImportError:
-    stand_in = types.ModuleType("turtle")
-    stand_in.forward = None
-    sys.modules["turtle"] = stand_in
-  try:
-    importlib.import_module("timm.models.layers")
-  except ImportError:
-    layers = types.ModuleType("timm.models.layers")
-    layers.DropPath = torch.nn.Identity
-    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
-    layers.trunc_normal_ = lambda tensor, std=1.0: torch.nn.init.trunc_normal_(
-        tensor, std=std, a=-2.0, b=2.0)
-    for name in ("timm", "timm.models"):
-      sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["timm.models.layers"] = layers
+  """Stand-ins for the modules the original imports but never uses here (see the module doc)."""
+  _stand_in("turtle", forward=None)
+  _stand_in("timm.models.layers", DropPath=_DropPath,
+            to_2tuple=lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x),
+            trunc_normal_=lambda tensor, std=1.0: torch.nn.init.trunc_normal_(
+                tensor, std=std, a=-2.0, b=2.0))
+  _stand_in("iopath.common.file_io", HTTPURLHandler=object,
+            PathManager=type("PathManager", (), {"register_handler": lambda self, handler: None}))
 
 
-def import_original(repo: str, variant: str):
-  """The original's `vit_tinypara_acc` ('acc') or `vit_tinypara` ('reference') module."""
+# The original's backbone modules under vpt_main/src/models/vit_backbones/.
+_MODULES = {"acc": "vit_tinypara_acc", "reference": "vit_tinypara",
+            "swin": "swin_transformer_tinypara"}
+
+
+def import_original(repo: str, which: str):
+  """The original's `vit_tinypara_acc` ('acc'), `vit_tinypara` ('reference') or
+  `swin_transformer_tinypara` ('swin') module, imported as part of its `src` package (the Swin
+  file imports `...utils.logging` relative to it)."""
   _install_stand_ins()
   if f"{repo}/vpt_main" not in sys.path:
     sys.path.insert(0, f"{repo}/vpt_main")
-  return importlib.import_module("src.models.vit_backbones."
-                                 + ("vit_tinypara_acc" if variant == "acc" else "vit_tinypara"))
+  return importlib.import_module("src.models.vit_backbones." + _MODULES[which])
 
 
 class DualModel(torch.nn.Module):
-  """The module `vit_train_sa2vp.py` trains and saves: the ViT without a head (it returns the two
-  CLS features) as `vit_base`, and one head on both as `class_head`."""
+  """The module `vit_train_sa2vp.py` (and, with `width=1024`, `vit_train_swin.py`) trains and
+  saves: the backbone without a head (it returns the image and the prompt features; the Swin's
+  head is an Identity that passes that pair through) as `vit_base`, and one head on both as
+  `class_head`."""
 
-  def __init__(self, vit, num_classes: int):
+  def __init__(self, vit, num_classes: int, width: int = 768):
     super().__init__()
     self.vit_base = vit
-    self.class_head = torch.nn.Linear(768, num_classes)
+    self.class_head = torch.nn.Linear(width, num_classes)
 
   def forward(self, images):
     image, prompt = self.vit_base(images)
@@ -165,10 +212,48 @@ def _seconds(fn) -> float:
   return time.perf_counter() - start
 
 
+# What `vit_train_swin.py` trains, as param names of `DualModel(SwinTransformer)`: the prompt map
+# and its projection, the MLP and its LayerNorm in stage 2's cross blocks, and the shared head.
+SWIN_TRAINABLE = (r"vit_base\.patch_embed\.(deep_ppt|proj_ppt\..+)"
+                  r"|vit_base\.layers\.2\.cross_attn\.\d+\.(ffn|ffn_norm)\..+|class_head\..+")
+
+
+def vit_trains(name: str) -> bool:
+  """`vit_train_sa2vp.py`'s rule on `DualModel(VisionTransformer)` param names: the shared head,
+  the prompts, their projections and the local convs (`vit_base.transformer.<part>`), the cross
+  blocks but for their copies of the block's LayerNorm_0 and attention (`cross_attn.<i>.attn`,
+  `.attention_norm`), and adapters' `layer.<i>.(down_proj|up_proj|before_norm)` where present."""
+  if name.startswith("class_head."):
+    return True
+  parts = name.split(".")[1:]  # after 'vit_base'
+  if parts[2] in ("ppt", "cross_conv", "deep_ppt", "encoder_norm_2", "deep_proj", "ppt_proj"):
+    return True
+  if parts[2] == "cross_attn":
+    return parts[4] not in ("attn", "attention_norm")
+  return parts[2] == "layer" and parts[4] in ("down_proj", "up_proj", "before_norm")
+
+
+def build_original(args):
+  """The original model `args.backbone` names, its label, and a test of whether a param trains."""
+  if args.backbone == "vit":
+    module = import_original(args.original_repo, args.variant)
+    vit = module.VisionTransformer("sup_vitb16_imagenet21k", 224, num_classes=-1)
+    return DualModel(vit, args.num_classes), f"ViT-B/16 ({args.variant})", vit_trains
+  module = import_original(args.original_repo, "swin")
+  swin = module.SwinTransformer(img_size=224, embed_dim=128, depths=[2, 2, 18, 2],
+                                num_heads=[4, 8, 16, 32], window_size=7, drop_path_rate=0.2,
+                                num_classes=-1)
+  model = DualModel(swin, args.num_classes, width=swin.num_features)
+  return model, "Swin-B", re.compile(SWIN_TRAINABLE).fullmatch
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--original_repo", required=True, help="a checkout of tommy-xq/SA2VP")
-  parser.add_argument("--variant", choices=("acc", "reference"), default="acc")
+  parser.add_argument("--backbone", choices=("vit", "swin"), default="vit",
+                      help="the ViT-B/16 or the Swin-B SA2VP (--check_parity: ViT only)")
+  parser.add_argument("--variant", choices=("acc", "reference"), default="acc",
+                      help="the ViT's cross-attention file")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--num_classes", type=int, default=100)
   parser.add_argument("--steps", type=int, default=3)
@@ -182,15 +267,14 @@ def main():
   if args.threads:
     torch.set_num_threads(args.threads)
   if args.check_parity:
+    if args.backbone != "vit":
+      parser.error("--check_parity compares the ViT only")
     sys.exit(0 if check_parity(args) else 1)
-  module = import_original(args.original_repo, args.variant)
-  model = module.VisionTransformer("sup_vitb16_imagenet21k", 224, num_classes=args.num_classes)
-  trainable = ("ppt", "deep_", "cross_", "head")
+  model, label, trains = build_original(args)
   params = []
   for name, param in model.named_parameters():
-    train = any(part in name for part in trainable)
-    param.requires_grad_(train)
-    if train:
+    param.requires_grad_(bool(trains(name)))
+    if param.requires_grad:
       params.append(param)
   optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
   model.train()
@@ -201,8 +285,6 @@ def main():
 
   def step():
     logits, prompt_logits = model(images)
-    if prompt_logits.shape[-1] != args.num_classes:  # (B, D) prompt CLS: the shared head applies
-      prompt_logits = model.head(prompt_logits)
     loss = 0.8 * cross_entropy(logits, labels) + 0.2 * cross_entropy(prompt_logits, labels)
     optimizer.zero_grad()
     loss.backward()
@@ -212,9 +294,10 @@ def main():
   times = sorted(_seconds(step) for _ in range(args.steps))
   seconds = times[len(times) // 2]
   peak = sgemm_peak_flops()
-  print(f"original SA2VP ({args.variant}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, batch {args.batch_size} at 224 px, median of "
-        f"{args.steps} steps: {seconds:.3f} s/step (min {times[0]:.3f}, max {times[-1]:.3f})")
+  print(f"original SA2VP {label}, {sum(p.numel() for p in params):,} trainable params, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} at 224 "
+        f"px, median of {args.steps} steps: {seconds:.3f} s/step (min {times[0]:.3f}, "
+        f"max {times[-1]:.3f})")
   print(f"images/s: {args.batch_size / seconds:.3f}; torch sgemm peak {peak / 1e9:.1f} GFLOP/s")
   if args.gflop_per_step:
     achieved = args.gflop_per_step * 1e9 / seconds

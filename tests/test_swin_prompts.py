@@ -130,6 +130,29 @@ def test_with_zero_inter_weight_the_image_branch_is_the_plain_swin(sa2vp_params)
   assert np.abs(aux["prompt_logits"] - plain).max() > 1e-3
 
 
+def test_no_backward_through_the_image_maps_before_the_adapters(sa2vp_params, monkeypatch):
+  """Before the adapter stage the image maps run under stop_gradient: the input gets no gradient,
+  and every trainable gets the gradient it gets without the stop (which `monkeypatch` removes)."""
+  trainable = re.compile(sa2vp_swin.TRAINABLE_PARAMS)
+
+  def gradients():
+    def loss(params, x):
+      logits, aux = tiny_sa2vp().apply({"params": params}, x)
+      return jnp.sum(logits ** 2) + jnp.sum(jnp.sin(aux["prompt_logits"]))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(sa2vp_params, images(2))
+
+  params_grad, images_grad = gradients()
+  monkeypatch.setattr(jax.lax, "stop_gradient", lambda x: x)
+  params_grad_unstopped, images_grad_unstopped = gradients()
+  assert float(jnp.abs(images_grad).max()) == 0.0
+  assert float(jnp.abs(images_grad_unstopped).max()) > 1e-3
+  unstopped = flat(params_grad_unstopped)
+  names = [name for name in flat(params_grad) if trainable.fullmatch(name)]
+  assert len(names) == 3 + 2 * 6 + 2  # prompt map and its projection, 2 adapters, head
+  for name in names:
+    np.testing.assert_allclose(flat(params_grad)[name], unstopped[name], rtol=1e-5, atol=1e-6)
+
+
 def test_block_zero_adapts_the_prompt_and_block_one_the_image(sa2vp_params):
   """j % 6 == 0: the prompt queries the image and only the prompt map gets alpha F; other blocks
   add to the image map. With block 1's adapter output zeroed the image branch is the plain Swin's

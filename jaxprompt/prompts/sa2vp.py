@@ -119,9 +119,7 @@ def local_cross_attention(q, k, v, grid: tuple[int, int], *, zero_padded: bool =
   """SA2VP's spatially aligned cross-attention on heads (B, H, 1 + N, D/H) -> (B, 1 + N, H * D/H).
 
   The CLS query attends to every key; patch (r, c) to the keys of its clipped 3x3 neighbourhood
-  (`local_attention_mask`) and never to the CLS key. The neighbourhood is read as nine shifted
-  views of the zero-padded key/value grid, so the cost is 9 dot products per query rather than a
-  masked (1 + N)^2 attention; out-of-grid neighbours get a -inf logit, exactly as the mask.
+  (`local_attention_mask`) and never to the CLS key (`grid_neighbourhood_attention`).
   `zero_padded=True` is the `_acc` variant's rule instead: every patch has 9 neighbours, those
   outside the grid being zero keys and values (logit 0, nothing added).
   """
@@ -130,25 +128,45 @@ def local_cross_attention(q, k, v, grid: tuple[int, int], *, zero_padded: bool =
   q = q * head_dim**-0.5
   cls_weights = jax.nn.softmax((q[:, :, :1] @ k.swapaxes(-1, -2)).astype(jnp.float32))
   cls_out = cls_weights.astype(v.dtype) @ v  # (B, H, 1, D/H)
+  grid_of = lambda x: x[:, :, 1:].reshape(batch, heads, rows, cols, head_dim)
+  patch_out = grid_neighbourhood_attention(grid_of(q), grid_of(k), grid_of(v),
+                                           zero_padded=zero_padded)
+  out = jnp.concatenate([cls_out, patch_out.reshape(batch, heads, rows * cols, head_dim)], 2)
+  return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
 
-  def grid_of(x, pad):
-    x = x[:, :, 1:].reshape(batch, heads, rows, cols, head_dim)
-    return jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0))) if pad else x
 
-  patch_q, patch_k, patch_v = grid_of(q, False), grid_of(k, True), grid_of(v, True)
+def grid_neighbourhood_attention(q, k, v, *, rows_axis: int = -3, zero_padded: bool = False):
+  """Each query of a grid attends to the keys of its clipped 3x3 neighbourhood in the key/value
+  grids; `q` comes scaled. Rows and columns are axes `rows_axis` and `rows_axis + 1`, features
+  the last axis: head-major (..., rows, cols, D) by default, token-major (B, rows, cols, heads, D)
+  with `rows_axis=1`.
+
+  The neighbourhood is read as nine shifted views of the zero-padded key/value grids, so the cost
+  is 9 dot products per query rather than a masked (rows * cols)^2 attention; out-of-grid
+  neighbours get a -inf logit, exactly as `local_attention_mask`. `zero_padded=True` keeps them
+  as zero keys and values instead (logit 0, nothing added: the `_acc` variant).
+  """
+  rows_axis %= q.ndim
+  rows, cols = q.shape[rows_axis:rows_axis + 2]
+  padding = [(0, 0)] * q.ndim
+  padding[rows_axis] = padding[rows_axis + 1] = (1, 1)
+  k, v = jnp.pad(k, padding), jnp.pad(v, padding)
   shifts = [(dr, dc) for dr in range(3) for dc in range(3)]
-  view = lambda x, dr, dc: x[:, :, dr:dr + rows, dc:dc + cols]
-  logits = jnp.stack([jnp.sum(patch_q * view(patch_k, dr, dc), -1) for dr, dc in shifts], -1)
+
+  def view(x, dr, dc):
+    x = jax.lax.slice_in_dim(x, dr, dr + rows, axis=rows_axis)
+    return jax.lax.slice_in_dim(x, dc, dc + cols, axis=rows_axis + 1)
+
+  logits = jnp.stack([jnp.sum(q * view(k, dr, dc), -1) for dr, dc in shifts], -1)
   logits = logits.astype(jnp.float32)
   if not zero_padded:
     r, c = np.arange(rows)[:, None, None], np.arange(cols)[None, :, None]
     dr, dc = np.array(shifts).T - 1
     inside = (0 <= r + dr) & (r + dr < rows) & (0 <= c + dc) & (c + dc < cols)  # (rows, cols, 9)
+    inside = inside.reshape(rows, cols, *[1] * (q.ndim - rows_axis - 3), 9)
     logits = jnp.where(inside, logits, -jnp.inf)
   weights = jax.nn.softmax(logits, -1).astype(v.dtype)
-  patch_out = sum(weights[..., j, None] * view(patch_v, dr, dc) for j, (dr, dc) in enumerate(shifts))
-  out = jnp.concatenate([cls_out, patch_out.reshape(batch, heads, rows * cols, head_dim)], 2)
-  return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+  return sum(weights[..., j, None] * view(v, dr, dc) for j, (dr, dc) in enumerate(shifts))
 
 
 def _single_head(x):

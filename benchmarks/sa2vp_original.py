@@ -34,6 +34,14 @@ look faster. (`termcolor` and `simplejson`, also read by that logging module, co
 own dependencies.) MFU divides XLA's FLOP count of our step for the same model by the original's
 step time, so it compares speed on one yardstick; the matmul peak is PyTorch's sgemm measured here.
 
+  python benchmarks/sa2vp_original.py --original_repo=/path/to/SA2VP --against_ours
+
+also builds our step for the same backbone (`benchmarks/run_all.py`'s SA2VP row of it) and runs
+the two steps alternately, so that a machine whose speed drifts (a shared VM) slows both alike;
+it prints both times and their ratio. It needs `OMP_WAIT_POLICY=PASSIVE` in the environment:
+otherwise torch's OpenMP threads spin after each of its steps and take the cores from ours
+(measured: our ViT step 19.2 s interleaved against 8.4 s alone).
+
   python benchmarks/sa2vp_original.py --original_repo=/path/to/SA2VP --check_parity
 
 checks instead (ViT only) that prompts trained with the original load into ours and give its
@@ -260,12 +268,17 @@ def main():
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
   parser.add_argument("--gflop_per_step", type=float, default=0.0,
                       help="FLOPs of one step (from benchmarks/train_step.py) for the MFU column")
+  parser.add_argument("--against_ours", action="store_true",
+                      help="also time our step for the same backbone, its steps interleaved")
   parser.add_argument("--check_parity", action="store_true",
                       help="instead of timing: load a saved original into ours, compare logits")
   parser.add_argument("--parity_batch_size", type=int, default=2)
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
+  if args.against_ours and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    parser.error("--against_ours needs OMP_WAIT_POLICY=PASSIVE in the environment (see the "
+                 "module docstring)")
   if args.check_parity:
     if args.backbone != "vit":
       parser.error("--check_parity compares the ViT only")
@@ -290,8 +303,16 @@ def main():
     loss.backward()
     optimizer.step()
 
+  if args.against_ours:
+    ours = our_step(args.backbone)
+    ours()  # compile and warm up
   step()  # warm-up
-  times = sorted(_seconds(step) for _ in range(args.steps))
+  times, our_times = [], []
+  for _ in range(args.steps):  # interleaved, so that both see the same machine
+    times.append(_seconds(step))
+    if args.against_ours:
+      our_times.append(_seconds(ours))
+  times.sort()
   seconds = times[len(times) // 2]
   peak = sgemm_peak_flops()
   print(f"original SA2VP {label}, {sum(p.numel() for p in params):,} trainable params, torch "
@@ -303,6 +324,41 @@ def main():
     achieved = args.gflop_per_step * 1e9 / seconds
     print(f"at {args.gflop_per_step:.1f} GFLOP/step: {achieved / 1e9:.1f} GFLOP/s, "
           f"MFU {100 * achieved / peak:.1f}%")
+  if args.against_ours:
+    ours_seconds = float(np.median(our_times))
+    print(f"ours (benchmarks/run_all.py's {args.backbone} row, steps interleaved with the "
+          f"original's): {ours_seconds:.3f} s/step (min {min(our_times):.3f}, max "
+          f"{max(our_times):.3f}), {args.batch_size / ours_seconds:.3f} images/s = "
+          f"{seconds / ours_seconds:.2f}x the original; {ours.gflop:.0f} GFLOP/step (XLA), MFU "
+          f"{100 * ours.gflop * 1e9 / ours_seconds / peak:.1f}% against the sgemm peak")
+
+
+def our_step(backbone: str):
+  """Our train step for `run_all.py`'s SA2VP row of `backbone`, as a call that runs one step;
+  `.gflop` is XLA's count for it. Host-memory reuse (`jaxprompt/host_memory.py`) is switched on
+  first, as the trainer does; it then holds for the original's steps too."""
+  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from jaxprompt import host_memory
+  host_memory.reuse_freed_memory()
+  import jax
+  from benchmarks import common, run_all
+  from jaxprompt import sharding, train
+  config, _ = run_all.config_of("sa2vp" if backbone == "vit" else "sa2vp_swin", None)
+  exp = train.build(config)
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch({
+      "image": rng.normal(size=(config.batch_size, 224, 224, 3)).astype(np.float32),
+      "label": rng.integers(0, exp.data.source.num_classes, config.batch_size).astype(np.int32),
+  }, exp.mesh)
+  compiled = exp.train_step.lower(exp.state, batch).compile()
+  state = [exp.state]
+
+  def run():
+    state[0] = jax.block_until_ready(compiled(state[0], batch))[0]
+
+  run.gflop = common.xla_flops(compiled) / 1e9
+  return run
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ Deliberate choices:
   * before `cross_stage` each block runs on the two maps separately, the image maps under
     `stop_gradient`: nothing trainable is upstream of them there, so the trainables' gradients are
     unchanged and the backward pass skips the image half of the first stages (45 of 1,143 GFLOP
-    per Swin-B step; 5 % of its time); the drop-path draws are per call, as per sample before;
+    per Swin-B step; 5 % of its time); drop path still draws independently for every sample;
   * `cross_stage` generalises the original's `depth == 18` test (so tiny sizes have adapters too);
   * the head is `swin.Model`'s: weight truncated normal 0.02 (at 2 std), bias 0; the original's
     bias starts at PyTorch's default U(+-1/32). Only the random start differs.

@@ -51,8 +51,9 @@ prototypes per fusion layer (configs/sdpt_coco.py's paper run).
 Sizes: the paper's model and input size with batch 8 (the papers train at 32-128; a CPU step of
 that size takes minutes), except where a row says 'reduced' and why (the class count of the
 embedded data, GLIP's canvas, SDPT's GLIP-T for GLIP-L, DGL's batch, RPL's category and pool
-counts). Measured on this 2-core CPU while shared (load 5 to 9.5): 34.5 min of wall time, 17 min
-of CPU; the README's performance table is this script's output.
+counts). Under the tables, where each method's wall time went: `train.build` (data, model init
+and its compile), its steps' compiles, and the rest; the README's performance table is this
+script's output.
 """
 from __future__ import annotations
 
@@ -209,7 +210,9 @@ def trainer_rows(config, size: str, args) -> dict:
   from benchmarks import common
   from input_pipeline import pipeline
   from jaxprompt import sharding, train
+  start = time.perf_counter()
   exp = train.build(config)
+  build_s = time.perf_counter() - start
   dataset = pipeline.make_train_dataset(exp.data.source, config.train_split, exp.data.train_pp,
                                         global_batch_size=config.batch_size, seed=0)
   iterator = dataset.as_numpy_iterator()
@@ -221,7 +224,7 @@ def trainer_rows(config, size: str, args) -> dict:
   predict, predict_args, examples = eval_call(exp, exp.evaluated(state))
   timing, _ = common.time_step(predict, predict_args, steps=args.steps, warmup=args.warmup)
   rows.append(step_row("eval", timing, examples, size))
-  return dict(rows=rows, pipeline=rate, exp=exp, state=state)
+  return dict(rows=rows, pipeline=rate, exp=exp, state=state, build_s=build_s)
 
 
 def rpl_rows(exp, state, size: str, args) -> list[dict]:
@@ -294,7 +297,9 @@ def tta_rows(name: str, args) -> dict:
                                        momentum=False, prompt_steps=3, **settings)
   config.eval_random_init = True
   byte_vocab(config)
+  start = time.perf_counter()
   exp = train.build(config)
+  build_s = time.perf_counter() - start
   evaluator = exp.evaluators["test"]
   batches = iter(exp.eval_context.batches("test"))
   rate = time_pipeline(batches, args.tta_batch, examples=8)  # 8 x 64 views
@@ -309,7 +314,7 @@ def tta_rows(name: str, args) -> dict:
   size = (f"CLIP ViT-B/16, 64 views of 224 px, b{args.tta_batch}{reward}; reduced: "
           f"{classes} classes (ImageNet: 1000)")
   return dict(rows=[step_row("eval (TTA adapt)", timing, args.tta_batch, size)], pipeline=rate,
-              pipeline_data=f"{config.dataset} test, pp {config.pp.eval}")
+              pipeline_data=f"{config.dataset} test, pp {config.pp.eval}", build_s=build_s)
 
 
 def captioning_rows(args) -> dict:
@@ -321,7 +326,9 @@ def captioning_rows(args) -> dict:
   settings = dataclasses.replace(captioning.SIZES["reduced"], steps=args.steps,
                                  warmup=args.warmup)
   paper = captioning.SIZES["paper"]
+  start = time.perf_counter()
   captioner = captioning.build_captioner(settings)
+  build_s = time.perf_counter() - start
   config, data = captioner.exp.config, captioner.exp.data
   dataset = pipeline.make_train_dataset(data.source, config.train_split, data.train_pp,
                                         global_batch_size=config.batch_size, seed=0)
@@ -336,7 +343,8 @@ def captioning_rows(args) -> dict:
     else:
       reduced = f"{settings.max_new_tokens} new tokens (RLCF: {paper.max_new_tokens})"
     row["size"] = f"CLIP ViT-B/16, 224 px, OPT-125m, {row['size']}; reduced: {reduced}"
-  return dict(rows=rows, pipeline=rate, pipeline_data=f"{config.dataset}, pp {config.pp.train}")
+  return dict(rows=rows, pipeline=rate, pipeline_data=f"{config.dataset}, pp {config.pp.train}",
+              build_s=build_s)
 
 
 def run_child(name: str, args) -> dict:
@@ -353,6 +361,7 @@ def run_child(name: str, args) -> dict:
       out["rows"] += rpl_rows(out["exp"], out["state"], size, args)
     out["pipeline_data"] = f"{out['exp'].config.dataset}, pp {out['exp'].config.pp.train}"
   return dict(rows=out["rows"], pipeline=out["pipeline"], pipeline_data=out["pipeline_data"],
+              build_s=out["build_s"],
               max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
@@ -398,6 +407,25 @@ def format_tables(results: dict, peak: float) -> str:
   return step_table + "\n\n" + pipe_table
 
 
+def format_wall_table(results: dict) -> str:
+  """Where each method's wall time went (markdown): `train.build` (data, model init and its
+  compile, optimizer state), its steps' compiles, and the rest (interpreter start and imports,
+  the pipeline timing, the warm-up and timed calls), with the sums over methods."""
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  rows, sums = [], [0.0, 0.0, 0.0]
+  for name, result in results.items():
+    if "wall_s" not in result:
+      continue
+    compiles = sum(row["compile_s"] or 0.0 for row in result["rows"])
+    parts = [result["wall_s"], result["build_s"], compiles]
+    sums = [a + b for a, b in zip(sums, parts)]
+    rows.append([METHODS[name].label, *(f"{x:.0f}" for x in parts),
+                 f"{parts[0] - parts[1] - parts[2]:.0f}"])
+  rows.append(["all", *(f"{x:.0f}" for x in sums), f"{sums[0] - sums[1] - sums[2]:.0f}"])
+  return common.markdown_table(
+      ["method", "wall s", "build s (incl. init compile)", "step compiles s", "the rest s"], rows)
+
+
 def run_parent(args) -> None:
   # pylint: disable=import-outside-toplevel
   import jax
@@ -426,6 +454,7 @@ def run_parent(args) -> None:
         results[name] = {"error": f"failed (rc {done.returncode}): {tail[0][:200]}"}
       else:
         results[name] = json.loads(lines[-1][len(PREFIX):])
+        results[name]["wall_s"] = time.perf_counter() - row_start
     except subprocess.TimeoutExpired:
       results[name] = {"error": f"over --row_timeout={args.row_timeout} s"}
     loads.append(os.getloadavg()[0])
@@ -441,6 +470,7 @@ def run_parent(args) -> None:
   print(format_tables(results, peak))
   print("\nprocess max RSS per method: " + ", ".join(
       f"{n} {r['max_rss'] / common.GIB:.1f} GiB" for n, r in results.items() if "max_rss" in r))
+  print("\nwall time per method:\n" + format_wall_table(results))
 
 
 def parse_args(argv=None):

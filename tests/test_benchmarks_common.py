@@ -37,3 +37,18 @@ def test_markdown_table():
                                 "| 3 | resize(8)\\|flip_lr |"]
   with pytest.raises(ValueError, match="3 cells; the header has 2"):
     common.markdown_table(["a", "b"], [["1", "2", "3"]])
+
+
+def test_run_all_wall_table_splits_each_method_and_sums_them():
+  from benchmarks import run_all
+  row = lambda compile_s: dict(compile_s=compile_s)
+  results = {
+      "vpt": dict(wall_s=80.0, build_s=20.0, rows=[row(8.0), row(3.0)]),
+      "rpl": dict(wall_s=50.0, build_s=10.0, rows=[row(5.0), row(None)]),  # retrieve: no compile
+      "glip": {"error": "over --row_timeout=600 s"},  # a failed row is left out of the sums
+  }
+  lines = run_all.format_wall_table(results).splitlines()
+  assert lines[2] == f"| {run_all.METHODS['vpt'].label} | 80 | 20 | 11 | 49 |"
+  assert lines[3] == f"| {run_all.METHODS['rpl'].label} | 50 | 10 | 5 | 35 |"
+  assert lines[4] == "| all | 130 | 30 | 16 | 84 |"
+  assert len(lines) == 5

@@ -2,14 +2,34 @@
 with overrides, the first training batches of an experiment, a few real train steps, and the
 check that only trainable params changed, and a script run on N forced CPU devices."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import numpy as np
+# XLA's persistent compilation cache for the whole session, this process and every subprocess a
+# test starts (they inherit the environment): many tests compile the same tiny models' programs,
+# and on a 2-core CPU the compiles are most of the suite's time. Set before jax is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE_DIR = tempfile.mkdtemp(prefix="jaxprompt-tests-xla-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE_DIR,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+else:
+  _XLA_CACHE_DIR = None
 
-from configs import vpt_vtab
-from input_pipeline import pipeline
-from jaxprompt import optim, sharding
+import numpy as np  # pylint: disable=wrong-import-position
+
+from configs import vpt_vtab  # pylint: disable=wrong-import-position
+from input_pipeline import pipeline  # pylint: disable=wrong-import-position
+from jaxprompt import optim, sharding  # pylint: disable=wrong-import-position
+
+
+def pytest_unconfigure(config):
+  """Removes the session's compilation cache (only the one this conftest made)."""
+  del config
+  if _XLA_CACHE_DIR is not None:
+    shutil.rmtree(_XLA_CACHE_DIR, ignore_errors=True)
 
 
 def tiny_config(**overrides):
